@@ -1,0 +1,88 @@
+"""All-or-nothing output: temp files beside the targets, fsync, then rename.
+
+Both outputs of a run are written to temporary files first and renamed only when every one is
+complete, so a failure (bad input found late, disk full, Ctrl-C) leaves no half-written file and
+never touches an existing output.  Renaming within a directory is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import BnfixError
+
+
+def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool = False) -> None:
+    """Write each ``(path, fill)`` where ``fill(fd)`` writes the content; rename all at the end.
+
+    With ``backup``, an existing target is first copied to ``<target>.orig`` unless that file
+    already exists (the oldest original is the one worth keeping).
+    """
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, fill in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bnfix-tmp", dir=path.parent)
+            temps.append((tmp, path))
+            try:
+                fill(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if path.exists():
+                shutil.copymode(path, tmp)
+            else:
+                os.chmod(tmp, 0o666 & ~_umask())
+        if backup:
+            for _, path in temps:
+                orig = path.with_name(path.name + ".orig")
+                if path.exists() and not orig.exists():
+                    _copy_atomic(path, orig)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+        for parent in {path.parent for _, path in temps}:
+            _fsync_dir(parent)
+    except OSError as exc:
+        target = exc.filename or (temps[-1][1] if temps else "")
+        raise BnfixError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".bnfix-tmp", dir=dst.parent)
+    try:
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 22)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

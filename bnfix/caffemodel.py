@@ -1,0 +1,436 @@
+"""A wire-level walker for ``.caffemodel`` files: byte ranges for every layer, full decoding
+only for BatchNorm layers.
+
+A caffemodel is one protobuf ``NetParameter``.  Decoding it whole costs seconds and gigabytes
+(a 248 MB YOLOv3 becomes ~740 MB of Python objects), yet bnfix changes a few kilobytes, so this
+module never decodes what it does not patch.  The file is memory-mapped and walked as:
+
+* ``NetParameter``: every top-level field becomes an :class:`Entry` (number, byte range).
+  Field 100 (``layer``, a ``LayerParameter``) is looked into for ``name`` (1) and ``type`` (2)
+  only; its blobs are skipped by length.  V1 ``layers`` (field 2) cannot express BatchNorm.
+* For ``type == "BatchNorm"`` the layer is decoded: ``blobs`` (7) as ``BlobProto`` —
+  ``num/channels/height/width`` (1-4), ``data`` (5, packed or not), ``shape`` (7, ``BlobShape``
+  with ``dim`` = 1), ``double_data`` (8) — and ``batch_norm_param`` (139) with the ``protobuf``
+  runtime (``BatchNormParameter``: ``use_global_stats`` 1, ``moving_average_fraction`` 2,
+  ``eps`` 3), built at import time from a descriptor so no generated code can mismatch the
+  installed runtime.
+
+Rules, one named error each: a varint longer than 10 bytes or cut by the end of its message;
+a length that runs past its message; wire types 3/4 (groups) and 6/7; a float payload whose size
+is not a multiple of the element size; a value count that disagrees with the blob's shape.
+Deliberately not checked: fields bnfix does not read (they are copied verbatim, known or not,
+e.g. a fork's field 149), duplicate layer names (the caller pairs by name), UTF-8 of names.
+
+Writing copies untouched ranges file-to-file (``os.copy_file_range``, then ``sendfile``, then a
+chunked loop) and splices in re-encoded BatchNorm layers with fresh length prefixes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import BnfixError
+
+LAYER = 100  # NetParameter.layer
+V1_LAYERS = 2  # NetParameter.layers
+LAYER_NAME, LAYER_TYPE, LAYER_BLOBS, LAYER_BN_PARAM = 1, 2, 7, 139
+BLOB_LEGACY_DIMS = (1, 2, 3, 4)
+BLOB_DATA, BLOB_SHAPE, BLOB_DOUBLE_DATA = 5, 7, 8
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+
+class WireError(BnfixError):
+    """The bytes are not the protobuf message they should be."""
+
+
+# -- wire primitives -------------------------------------------------------------------------
+
+
+def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    """Decode a varint at ``pos``; return (value, position after it)."""
+    result = shift = 0
+    start = pos
+    while True:
+        if pos >= end:
+            raise WireError(f"truncated varint at byte {start}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise WireError(f"varint longer than 10 bytes at byte {start}")
+
+
+def encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def key(number: int, wire: int) -> bytes:
+    return encode_varint(number << 3 | wire)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One field of a message: key at ``start``, value bytes ``[value, end)``."""
+
+    number: int
+    wire: int
+    start: int
+    value: int
+    end: int
+
+
+def fields(buf, start: int, end: int) -> Iterator[Span]:
+    """Walk the fields of the message occupying ``buf[start:end]`` without decoding values."""
+    pos = start
+    while pos < end:
+        k, vpos = read_varint(buf, pos, end)
+        number, wire = k >> 3, k & 7
+        if number == 0:
+            raise WireError(f"field number 0 at byte {pos}")
+        if wire == VARINT:
+            _, vend = read_varint(buf, vpos, end)
+        elif wire == I64:
+            vend = vpos + 8
+        elif wire == I32:
+            vend = vpos + 4
+        elif wire == LEN:
+            length, vpos = read_varint(buf, vpos, end)
+            vend = vpos + length
+        elif wire in (3, 4):
+            raise WireError(f"group (wire type {wire}) in field {number} at byte {pos}: not a caffemodel field")
+        else:
+            raise WireError(f"invalid wire type {wire} in field {number} at byte {pos}")
+        if vend > end:
+            raise WireError(f"field {number} at byte {pos} runs {vend - end} bytes past the end of its message")
+        yield Span(number, wire, pos, vpos, vend)
+        pos = vend
+
+
+# -- the minimal schema ----------------------------------------------------------------------
+
+_BN_PARAM_CLASS = None
+
+
+def bn_param_class():
+    """``BatchNormParameter`` from a descriptor built here (lazy: most runs never need it)."""
+    global _BN_PARAM_CLASS
+    if _BN_PARAM_CLASS is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool
+
+        fdp = descriptor_pb2.FileDescriptorProto(
+            name="bnfix/caffe_subset.proto", package="bnfix.caffe", syntax="proto2"
+        )
+        msg = fdp.message_type.add(name="BatchNormParameter")
+        F = descriptor_pb2.FieldDescriptorProto
+        for name, number, ftype, default in (
+            ("use_global_stats", 1, F.TYPE_BOOL, None),
+            ("moving_average_fraction", 2, F.TYPE_FLOAT, "0.999"),
+            ("eps", 3, F.TYPE_FLOAT, "1e-05"),
+        ):
+            f = msg.field.add(name=name, number=number, type=ftype, label=F.LABEL_OPTIONAL)
+            if default is not None:
+                f.default_value = default
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(fdp)
+        desc = pool.FindMessageTypeByName("bnfix.caffe.BatchNormParameter")
+        try:
+            from google.protobuf.message_factory import GetMessageClass
+
+            _BN_PARAM_CLASS = GetMessageClass(desc)
+        except ImportError:  # protobuf < 4.21
+            from google.protobuf.message_factory import MessageFactory
+
+            _BN_PARAM_CLASS = MessageFactory(pool).GetPrototype(desc)
+    return _BN_PARAM_CLASS
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A top-level ``layer`` entry: its byte range and the two fields read from every layer."""
+
+    index: int  # position among the file's layer entries
+    start: int  # offset of the entry's key
+    payload: int  # offset of the LayerParameter bytes
+    end: int
+    name: str
+    type: str
+
+
+@dataclass
+class Blob:
+    """A BlobProto's values and where they live inside the layer payload."""
+
+    values: np.ndarray  # float32 for ``data``, float64 for ``double_data``; a copy
+    chunks: list[tuple[int, int]]  # (offset in the layer payload, element count), in order
+    shape: tuple[int, ...] | None
+
+    @property
+    def count(self) -> int:
+        return int(self.values.size)
+
+    def write(self, payload: bytearray, values: np.ndarray) -> None:
+        """Overwrite this blob's values in place: the same count keeps every length prefix."""
+        raw = np.ascontiguousarray(values, dtype=self.values.dtype.newbyteorder("<")).tobytes()
+        size = self.values.dtype.itemsize
+        pos = 0
+        for offset, count in self.chunks:
+            payload[offset : offset + count * size] = raw[pos : pos + count * size]
+            pos += count * size
+
+
+@dataclass
+class BatchNormLayer:
+    """A decoded BatchNorm layer: blobs, and its ``batch_norm_param`` if stored."""
+
+    layer: Layer
+    payload: bytes
+    blobs: list[Blob]
+    param_spans: list[Span] = field(default_factory=list)  # offsets relative to payload
+
+    def param(self):
+        """The stored ``batch_norm_param`` merged as protobuf would, or None if absent."""
+        if not self.param_spans:
+            return None
+        msg = bn_param_class()()
+        for sp in self.param_spans:
+            try:
+                msg.MergeFromString(self.payload[sp.value : sp.end])
+            except Exception as exc:  # protobuf's DecodeError type differs across backends
+                raise WireError(f"layer {self.layer.name!r}: bad batch_norm_param: {exc}") from None
+        return msg
+
+    def rebuilt(self, blob_values: dict[int, np.ndarray], param) -> bytes:
+        """The whole layer entry (key, length, payload) with new blob values and param."""
+        payload = bytearray(self.payload)
+        for i, values in blob_values.items():
+            self.blobs[i].write(payload, values)
+        if param is not None:
+            encoded = key(LAYER_BN_PARAM, LEN) + encode_varint(param.ByteSize()) + param.SerializeToString()
+            cuts = self.param_spans or [Span(LAYER_BN_PARAM, LEN, len(payload), len(payload), len(payload))]
+            for i, sp in reversed(list(enumerate(cuts))):
+                payload[sp.start : sp.end] = encoded if i == 0 else b""
+        return key(LAYER, LEN) + encode_varint(len(payload)) + bytes(payload)
+
+
+class Model:
+    """An open caffemodel: its layer index, and BatchNorm layers decoded on request."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as exc:
+            raise BnfixError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        st = os.fstat(self._file.fileno())
+        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
+        if self.size == 0:
+            self.close()
+            raise BnfixError(f"{self.path}: empty file, not a caffemodel")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self.layers = self._index()
+        except WireError as exc:
+            hint = " (this looks like a text prototxt: are the arguments swapped?)" if self._looks_textual() else ""
+            self.close()
+            raise BnfixError(f"{self.path}: not a valid caffemodel: {exc}{hint}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _looks_textual(self) -> bool:
+        head = self._map[:4096]
+        return bool(head) and all(b in b"\t\r\n" or 32 <= b < 127 for b in head)
+
+    def _index(self) -> list[Layer]:
+        buf, layers = self._map, []
+        other = 0
+        for sp in fields(buf, 0, self.size):
+            if sp.number == LAYER and sp.wire == LEN:
+                name = type_ = ""
+                for f in fields(buf, sp.value, sp.end):
+                    if f.wire == LEN and f.number == LAYER_NAME:
+                        name = bytes(buf[f.value : f.end]).decode("utf-8", "replace")
+                    elif f.wire == LEN and f.number == LAYER_TYPE:
+                        type_ = bytes(buf[f.value : f.end]).decode("utf-8", "replace")
+                layers.append(Layer(len(layers), sp.start, sp.value, sp.end, name, type_))
+            else:
+                other += 1
+        if not layers:
+            what = "only V1 'layers' entries, which cannot hold BatchNorm" if other else "no layers"
+            raise WireError(what)
+        return layers
+
+    def batch_norm(self, layer: Layer) -> BatchNormLayer:
+        """Decode one BatchNorm layer (the only layers whose blob values are ever read)."""
+        payload = bytes(self._map[layer.payload : layer.end])
+        try:
+            return decode_batch_norm(layer, payload)
+        except WireError as exc:
+            raise BnfixError(f"{self.path}: layer {layer.name!r}: {exc}") from None
+
+    def close(self) -> None:
+        if getattr(self, "_map", None) is not None:
+            self._map.close()
+            self._map = None
+        self._file.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def decode_batch_norm(layer: Layer, payload: bytes) -> BatchNormLayer:
+    """Decode a BatchNorm layer's payload (also used to re-read what bnfix just encoded)."""
+    out = BatchNormLayer(layer, payload, [])
+    for sp in fields(payload, 0, len(payload)):
+        if sp.number == LAYER_BLOBS and sp.wire == LEN:
+            out.blobs.append(_decode_blob(payload, sp.value, sp.end, len(out.blobs)))
+        elif sp.number == LAYER_BN_PARAM and sp.wire == LEN:
+            out.param_spans.append(sp)
+    return out
+
+
+def _decode_blob(buf: bytes, start: int, end: int, index: int) -> Blob:
+    legacy: dict[int, int] = {}
+    shape: list[int] | None = None
+    single, double = _Values("<f4"), _Values("<f8")
+    for sp in fields(buf, start, end):
+        n, w = sp.number, sp.wire
+        if n in BLOB_LEGACY_DIMS and w == VARINT:
+            legacy[n] = read_varint(buf, sp.value, sp.end)[0]
+        elif n == BLOB_SHAPE and w == LEN:
+            shape = shape or []
+            for d in fields(buf, sp.value, sp.end):
+                if d.number == 1 and d.wire == LEN:
+                    pos = d.value
+                    while pos < d.end:
+                        v, pos = read_varint(buf, pos, d.end)
+                        shape.append(v)
+                elif d.number == 1 and d.wire == VARINT:
+                    shape.append(read_varint(buf, d.value, d.end)[0])
+        elif n == BLOB_DATA:
+            single.add(buf, sp, I32, f"blob {index} data")
+        elif n == BLOB_DOUBLE_DATA:
+            double.add(buf, sp, I64, f"blob {index} double_data")
+    # Caffe's Blob::FromProto reads double_data when it is non-empty, else data.
+    values = double if double.count else single
+    dims = tuple(shape) if shape is not None else (
+        tuple(legacy.get(i, 0) for i in BLOB_LEGACY_DIMS) if legacy else None
+    )
+    if dims is not None:
+        expected = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        if expected != values.count:
+            raise WireError(f"blob {index} holds {values.count} values but its shape {list(dims)} needs {expected}")
+    return Blob(values.array(buf), values.chunks, dims)
+
+
+class _Values:
+    """Collects the packed and unpacked pieces of one repeated float/double field."""
+
+    def __init__(self, dtype: str):
+        self.dtype = np.dtype(dtype)
+        self.chunks: list[tuple[int, int]] = []
+
+    @property
+    def count(self) -> int:
+        return sum(c for _, c in self.chunks)
+
+    def add(self, buf: bytes, sp: Span, unpacked_wire: int, what: str) -> None:
+        size = self.dtype.itemsize
+        if sp.wire == LEN:
+            length = sp.end - sp.value
+            if length % size:
+                raise WireError(f"{what}: {length} bytes is not a whole number of {size}-byte values")
+            if length:
+                self.chunks.append((sp.value, length // size))
+        elif sp.wire == unpacked_wire:
+            self.chunks.append((sp.value, 1))
+        else:
+            raise WireError(f"{what}: wire type {sp.wire} where floats were expected")
+
+    def array(self, buf: bytes) -> np.ndarray:
+        parts = [np.frombuffer(buf, self.dtype, c, o) for o, c in self.chunks]
+        native = self.dtype.newbyteorder("=")
+        return np.concatenate(parts).astype(native) if parts else np.zeros(0, native)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of fd ``src`` to the current position of fd ``dst``
+    without the bytes passing through Python: copy_file_range, else sendfile, else chunks."""
+    while count > 0:
+        done = 0
+        try:
+            done = os.copy_file_range(src, dst, count, offset)
+        except (AttributeError, OSError):
+            try:
+                done = os.sendfile(dst, src, offset, count)
+            except (AttributeError, OSError):
+                done = 0
+        if done <= 0:  # portable fallback (and copy_file_range's 0 at a short file)
+            chunk = os.pread(src, min(count, 1 << 22), offset)
+            if not chunk:
+                raise BnfixError(f"input ended {count} bytes early while copying")
+            os.write(dst, chunk)
+            done = len(chunk)
+        offset += done
+        count -= done
+
+
+def write(src: Path, size: int, replacements: dict[int, tuple[int, int, bytes]], dst_fd: int,
+          progress=None) -> None:
+    """Write ``src`` to ``dst_fd`` with byte ranges ``(start, end)`` replaced by new bytes.
+
+    ``replacements`` maps an ordering key to ``(start, end, data)``; ranges must not overlap.
+    ``progress(n)`` is called with the number of input bytes consumed so far.
+    """
+    with open(src, "rb") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise BnfixError(f"{src}: the file changed while bnfix was running")
+        pos = 0
+        for start, end, data in sorted(replacements.values()):
+            _copy_progress(f.fileno(), dst_fd, pos, start - pos, progress)
+            _write_all(dst_fd, data)
+            pos = end
+        _copy_progress(f.fileno(), dst_fd, pos, size - pos, progress)
+
+
+def _copy_progress(src: int, dst: int, offset: int, count: int, progress) -> None:
+    step = 64 << 20 if progress else count
+    while count > 0:
+        n = min(step, count)
+        copy_range(src, dst, offset, n)
+        offset += n
+        count -= n
+        if progress:
+            progress(offset)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,450 @@
+"""Plan and apply the fix: pair BatchNorm layers by name, decide per layer, edit both files.
+
+Flow: ``read`` both inputs → ``plan`` one :class:`Decision` per layer name (pure) → ``apply``
+(prototxt splices + re-encoded caffemodel layers, in memory) → ``verify`` (re-decode the new
+bytes and recompute Caffe's float32 denominator) → a :class:`Result` the CLI renders and saves.
+
+How bnfix knows a layer is already patched: it appends a marker comment to the line that opens
+the layer in the prototxt, ``layer {  # bnfix: fitted to sqrt(var) + 1e-06, eps 1e-06 [undo
+eps=none]``.  The marker names the formula and eps used and what the patch replaced, so a
+re-patch (``force``) or a revert can recover the original statistics exactly.  The stored eps
+alone cannot tell: a converter may have written ``eps: 1e-06`` without refitting the variance.
+So a layer whose eps already equals the target but has no marker is skipped with a warning
+(patch it with ``force``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, caffemodel, prototxt
+from . import semantics as sem
+from .errors import BnfixError
+
+CAFFE_DEFAULT_EPS = 1e-5
+
+# -- the marker ------------------------------------------------------------------------------
+
+_MARKER = re.compile(r"  # bnfix: fitted to (?P<expr>[^,\]]+), eps (?P<eps>\S+) \[undo(?P<undo>[^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What a bnfix patch wrote into a layer and what it replaced (for revert / re-patch)."""
+
+    formula: sem.Formula
+    eps: float
+    undo: tuple[tuple[str, str], ...]  # e.g. (("eps", "none"), ("ugs", "false"), ("s", "0"))
+
+    def render(self) -> str:
+        undo = "".join(f" {k}={v}" for k, v in self.undo)
+        return f"  # bnfix: fitted to {self.formula.expression}, eps {self.eps!r} [undo{undo}]"
+
+    def get(self, key: str) -> str | None:
+        return dict(self.undo).get(key)
+
+
+def find_marker(layer: prototxt.Layer) -> tuple[Marker, int, int] | None:
+    """The marker on the layer's opening line and its span, if bnfix patched it."""
+    doc = layer.doc
+    line_start = doc.line_start(layer.field.start)
+    for tok in doc.comments_between(line_start, doc.line_end(layer.field.start)):
+        text = doc.text[tok.start - 2 : tok.end] if doc.text[tok.start - 2 : tok.start] == "  " else ""
+        m = _MARKER.search(doc.text, tok.start - 2 if text else tok.start, tok.end)
+        if m:
+            try:
+                formula = sem.parse_source(m["expr"])
+                eps = float(m["eps"])
+            except ValueError:
+                raise doc.error(tok.start, f"layer {layer.name!r}: unreadable bnfix marker") from None
+            undo = tuple(tuple(kv.split("=", 1)) for kv in m["undo"].split() if "=" in kv)
+            return Marker(formula, eps, undo), m.start(), m.end()
+    return None
+
+
+# -- options and results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the patched model must reproduce, and how hard to push."""
+
+    source: sem.Formula = sem.PRESETS[sem.DEFAULT_SOURCE]
+    target_eps: float = 1e-6
+    force: bool = False
+
+    def __post_init__(self):
+        if not (self.target_eps >= 0 and np.isfinite(self.target_eps)):
+            raise BnfixError(f"target eps must be a finite number >= 0, not {self.target_eps!r}")
+
+
+PATCHED, SKIPPED, UP_TO_DATE = "patched", "skipped", "up to date"
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One BatchNorm layer's row of the diff summary (every number from the written bytes)."""
+
+    name: str
+    channels: int
+    status: str  # PATCHED, SKIPPED (reason says why) or UP_TO_DATE (patched by bnfix before)
+    changes: tuple[str, ...] = ()
+    reason: str = ""
+    warning: bool = False
+    eps_before: float = CAFFE_DEFAULT_EPS
+    eps_after: float = CAFFE_DEFAULT_EPS
+    max_rel_var_change: float = 0.0
+    negative_channels: int = 0
+    err_before: float = 0.0
+    err_after: float = 0.0
+    worst_channel: int = 0
+
+
+@dataclass
+class Result:
+    """The outcome of :func:`patch`: per-layer reports and the new file contents, not yet saved."""
+
+    prototxt: Path
+    caffemodel: Path
+    options: Options
+    layers: list[LayerReport]
+    warnings: list[str]
+    new_prototxt: str
+    original_prototxt: str
+    _replacements: dict[int, tuple[int, int, bytes]]
+    _model_size: int
+    _model_mtime: int
+    outputs: tuple[Path, Path] | None = None
+
+    @property
+    def needs_work(self) -> bool:
+        return any(r.status == PATCHED for r in self.layers)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._replacements) or self.new_prototxt != self.original_prototxt
+
+    def save(self, prototxt_out: str | Path, caffemodel_out: str | Path, *, backup: bool = False,
+             progress=None) -> None:
+        """Write both outputs atomically (temp file, fsync, rename); all or nothing.
+
+        ``backup`` keeps ``<output>.orig`` copies of files about to be replaced (for in-place).
+        """
+        outs = (Path(prototxt_out), Path(caffemodel_out))
+        for out, src in zip(outs, (self.prototxt, self.caffemodel)):
+            if out.exists() and src.exists() and out.samefile(src) and not backup:
+                raise BnfixError(f"{out}: output would overwrite its input (use --in-place to mean that)")
+        text = self.new_prototxt.encode("utf-8")
+
+        def write_model(fd: int) -> None:
+            caffemodel.write(self.caffemodel, self._model_size, self._replacements, fd, progress)
+
+        if Path(self.caffemodel).stat().st_mtime_ns != self._model_mtime:
+            raise BnfixError(f"{self.caffemodel}: the file changed while bnfix was running")
+        atomic.write_all([(outs[0], lambda fd: caffemodel._write_all(fd, text)), (outs[1], write_model)],
+                         backup=backup)
+        self.outputs = outs
+
+
+# -- reading and planning --------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    """All entries of one BatchNorm name: prototxt layers (phase-split duplicates) and model layers."""
+
+    name: str
+    proto: list[prototxt.Layer]
+    model: list[caffemodel.BatchNormLayer]
+    marker: Marker | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str
+    reason: str = ""
+    warning: bool = False
+
+
+def decide(eps_before: float, s: float, marker: Marker | None, opts: Options) -> Decision:
+    """Whether to patch one layer, from what the files say (pure; the heart of "never double-correct")."""
+    if marker is not None:
+        same = (marker.formula.inside, marker.formula.outside) == (opts.source.inside, opts.source.outside)
+        if same and sem.same_eps(marker.eps, opts.target_eps):
+            return Decision(UP_TO_DATE, "already patched by bnfix")
+        if not opts.force:
+            return Decision(SKIPPED, f"patched by bnfix for {marker.formula.expression}, eps {marker.eps!r}; "
+                            "--force re-fits it from the original statistics", warning=True)
+        return Decision(PATCHED)
+    if s not in (0.0, 1.0) and not opts.force:
+        return Decision(SKIPPED, f"scale factor s={s:.8g}: statistics look trained in Caffe, not converted "
+                        "from Darknet (--force to patch anyway)", warning=True)
+    if sem.same_eps(eps_before, opts.target_eps) and not opts.force:
+        return Decision(SKIPPED, f"eps is already {opts.target_eps!r} but there is no bnfix marker: the "
+                        "converter may have set eps without refitting the variance (--force to patch)",
+                        warning=True)
+    return Decision(PATCHED)
+
+
+def patch(prototxt_path: str | Path, caffemodel_path: str | Path, options: Options | None = None, **kw) -> Result:
+    """Read a converted pair and compute the patched files in memory (nothing is written).
+
+    ``options`` or keyword arguments ``source`` (a preset name, a ``sqrt(var+A)+B`` string or a
+    :class:`~bnfix.semantics.Formula`), ``target_eps`` and ``force``.  Call ``result.save(...)``
+    to write the outputs.
+    """
+    if options is None:
+        if isinstance(kw.get("source"), str):
+            try:
+                kw["source"] = sem.parse_source(kw["source"])
+            except ValueError as exc:
+                raise BnfixError(str(exc)) from None
+        options = Options(**kw)
+    elif kw:
+        raise TypeError("give either options or keyword arguments, not both")
+    pp, mp = Path(prototxt_path), Path(caffemodel_path)
+    for p in (pp, mp):
+        if not p.exists():
+            raise BnfixError(f"{p}: no such file")
+        if p.is_dir():
+            raise BnfixError(f"{p}: is a directory, not a file")
+    doc = prototxt.read(pp)
+    with caffemodel.Model(mp) as model:
+        groups, warnings = _pair(doc, model)
+        reports, splices, replacements = [], [], {}
+        for g in groups:
+            rep, sp, rp = _patch_group(g, options, mp)
+            reports.append(rep)
+            splices += sp
+            replacements.update(rp)
+        size, mtime = model.size, model.mtime_ns
+    new_text = doc.render(splices)
+    _verify_prototxt(doc, new_text, splices, groups)
+    return Result(pp, mp, options, reports, warnings, new_text, doc.text, replacements, size, mtime)
+
+
+def _pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[_Group], list[str]]:
+    """Group the prototxt's BatchNorm layers by name and find each in the caffemodel."""
+    by_name: dict[str, list[caffemodel.Layer]] = {}
+    for layer in model.layers:
+        by_name.setdefault(layer.name, []).append(layer)
+    groups: dict[str, _Group] = {}
+    for layer in doc.layers():
+        if layer.type != "BatchNorm":
+            continue
+        if not layer.name:
+            raise doc.error(layer.field.start, "BatchNorm layer without a name: it cannot be matched to the caffemodel")
+        layer.eps  # parse errors surface here, naming the line
+        layer.use_global_stats
+        g = groups.get(layer.name)
+        if g is None:
+            entries = by_name.get(layer.name, [])
+            if not entries:
+                raise BnfixError(f"{model.path}: has no layer {layer.name!r}, which is a BatchNorm layer in "
+                                 f"{doc.path} (do the two files belong together?)")
+            wrong = [e for e in entries if e.type != "BatchNorm"]
+            if wrong:
+                raise BnfixError(f"{model.path}: layer {layer.name!r} is {wrong[0].type!r} there but BatchNorm in {doc.path}")
+            g = groups[layer.name] = _Group(layer.name, [], [model.batch_norm(e) for e in entries])
+        g.proto.append(layer)
+        found = find_marker(layer)
+        if found and g.marker is None:
+            g.marker = found[0]
+    warnings = []
+    extra = [l.name for l in model.layers if l.type == "BatchNorm" and l.name not in groups]
+    if extra:
+        warnings.append(f"{len(extra)} BatchNorm layer(s) only in the caffemodel were left alone: "
+                        + ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
+    if not groups:
+        warnings.append(f"{doc.path}: no BatchNorm layers: nothing to patch")
+    return list(groups.values()), warnings
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """A caffemodel BatchNorm layer's statistics, in the layout bnfix understands."""
+
+    mean: np.ndarray
+    var: np.ndarray  # as stored (blob 1)
+    s: float
+
+
+def _stats(bn: caffemodel.BatchNormLayer) -> _Stats | str:
+    """The three BVLC blobs (also the first three of NVCaffe's 5), or why they are not usable."""
+    b = bn.blobs
+    if len(b) not in (3, 5):
+        return f"{len(b)} blobs: not the 3-blob BVLC or 5-blob NVCaffe layout" if b else "no statistics stored"
+    if b[2].count != 1 or b[0].count != b[1].count:
+        return "blob sizes do not match mean/variance/scale-factor (NVCaffe 0.14/0.15 order?)"
+    return _Stats(b[0].values, b[1].values, float(b[2].values[0]))
+
+
+def _check(stats: _Stats, name: str, path: Path) -> None:
+    for what, values, neg in (("variance", stats.var, False), ("mean", stats.mean, True)):
+        ch = sem.bad_channel(values, allow_negative=neg)
+        if ch is not None:
+            raise BnfixError(f"{path}: layer {name!r} channel {ch}: {what} is {values[ch]!r}; "
+                             "refusing to patch corrupt statistics")
+    if not np.isfinite(stats.s) or stats.s < 0:
+        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {stats.s!r}")
+
+
+def _patch_group(g: _Group, opts: Options, model_path: Path):
+    test_layers = [l for l in g.proto if l.runs_at_test] or g.proto
+    eps_written = test_layers[0].eps
+    eps_before = CAFFE_DEFAULT_EPS if eps_written is None else eps_written
+    first = g.model[0]
+    stats = _stats(first)
+    channels = first.blobs[0].count if first.blobs else 0
+    if isinstance(stats, str):
+        return LayerReport(g.name, channels, SKIPPED, reason=stats, warning=True,
+                           eps_before=eps_before, eps_after=eps_before), [], {}
+    decision = decide(eps_before, stats.s, g.marker, opts)
+    if decision.status != PATCHED:
+        ref = _reference_variance(stats, g.marker)
+        err = _errors(stats.var, stats.s, eps_before, ref, opts.source)
+        return LayerReport(g.name, channels, decision.status, reason=decision.reason, warning=decision.warning,
+                           eps_before=eps_before, eps_after=eps_before, err_before=float(err.max(initial=0)),
+                           err_after=float(err.max(initial=0)), worst_channel=_argmax(err)), [], {}
+
+    changes: list[str] = []
+    replacements: dict[int, tuple[int, int, bytes]] = {}
+    reports = []
+    for bn in g.model:
+        st = _stats(bn)
+        if isinstance(st, str):
+            raise BnfixError(f"{bn.layer.name!r}: duplicate entries in the caffemodel disagree: {st}")
+        _check(st, g.name, model_path)
+        reports.append(_patch_model_layer(bn, st, g.marker, opts, eps_before, replacements, changes))
+    splices = _prototxt_edits(g, opts, eps_written, changes, reports[0][1])
+    rep = reports[0][0]
+    return replace(rep, name=g.name, changes=tuple(dict.fromkeys(changes))), splices, replacements
+
+
+def _reference_variance(st: _Stats, marker: Marker | None) -> np.ndarray:
+    """The Darknet variance the layer stands for: raw stats, or undone via a bnfix marker."""
+    s = st.s if st.s != 0 else 1.0
+    if marker is not None:
+        return sem.original_variance(st.var, s, marker.formula, marker.eps)
+    return np.asarray(st.var, np.float64) / s
+
+
+def _errors(var_stored, s, eps, ref_var, formula) -> np.ndarray:
+    return sem.relative_error(sem.caffe_denominator(var_stored, s, eps), formula.denominator(ref_var))
+
+
+def _argmax(a: np.ndarray) -> int:
+    return int(np.argmax(a)) if a.size else 0
+
+
+def _patch_model_layer(bn, st: _Stats, marker, opts: Options, eps_before, replacements, changes):
+    """New variance (and scale factor, and stored param) for one caffemodel entry; verified."""
+    ref = _reference_variance(st, marker)
+    err_before = _errors(st.var, st.s, eps_before, ref, opts.source)
+    s = st.s
+    blob_values: dict[int, np.ndarray] = {}
+    undo: list[tuple[str, str]] = []
+    if s == 0:
+        s = 1.0
+        blob_values[2] = np.ones(1, bn.blobs[2].values.dtype)
+        changes.append("scale factor fixed (s=0 → 1)")
+        undo.append(("s", "0"))
+    new_var = sem.patched_variance(ref, s, opts.source, opts.target_eps)
+    blob_values[1] = new_var.astype(bn.blobs[1].values.dtype)
+    changes.insert(0, "variance recomputed")
+
+    param = bn.param()
+    if param is None:
+        undo.append(("model", "none"))
+        param = caffemodel.bn_param_class()()
+    else:
+        undo.append(("model.eps", repr(float(param.eps)) if param.HasField("eps") else "none"))
+        if param.HasField("use_global_stats") and not param.use_global_stats:
+            param.use_global_stats = True
+            undo.append(("model.ugs", "false"))
+    param.eps = opts.target_eps
+    entry = bn.rebuilt(blob_values, param)
+    replacements[bn.layer.index] = (bn.layer.start, bn.layer.end, entry)
+
+    # Verify from the bytes just encoded, not from the float64 intent.
+    written = caffemodel.decode_batch_norm(bn.layer, _payload_of(entry))
+    wst = _stats(written)
+    assert not isinstance(wst, str)
+    stored_eps = float(written.param().eps)
+    err_after = _errors(wst.var, wst.s, stored_eps, ref, opts.source)
+    if not np.all(np.isfinite(err_after)):
+        raise BnfixError(f"layer {bn.layer.name!r}: patched denominator is not finite; refusing to write")
+    report = LayerReport(
+        bn.layer.name, st.var.size, PATCHED, eps_before=eps_before, eps_after=sem.f32(opts.target_eps),
+        max_rel_var_change=sem.max_relative_change(st.var, wst.var),
+        negative_channels=int((wst.var < 0).sum()),
+        err_before=float(err_before.max(initial=0)), err_after=float(err_after.max(initial=0)),
+        worst_channel=_argmax(err_after),
+    )
+    return report, undo
+
+
+def _payload_of(entry: bytes) -> bytes:
+    """The LayerParameter bytes of an encoded ``layer`` entry (key + length + payload)."""
+    _, pos = caffemodel.read_varint(entry, 0, len(entry))
+    length, pos = caffemodel.read_varint(entry, pos, len(entry))
+    return entry[pos : pos + length]
+
+
+def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], model_undo) -> list[prototxt.Splice]:
+    """eps, use_global_stats and the marker, in every prototxt entry of this name."""
+    splices: list[prototxt.Splice] = []
+    eps_text = repr(float(opts.target_eps))
+    for layer in g.proto:
+        doc = layer.doc
+        undo: list[tuple[str, str]] = []
+        old_marker = find_marker(layer)
+        eps_field = layer.bn_field("eps")
+        param = layer.bn_param
+        if old_marker is not None:  # re-patch: keep what the first patch replaced
+            undo = list(old_marker[0].undo)
+        if eps_field is not None:
+            if doc.scalar(eps_field) != eps_text:
+                splices.append(layer.set_value(eps_field, eps_text))
+            if old_marker is None:
+                undo.append(("eps", doc.scalar(eps_field)))
+        elif param is not None:
+            splices.append(layer.add_field(param.value, layer.doc.indent_of(param.start) or "", f"eps: {eps_text}"))
+            undo.append(("eps", "none"))
+        else:
+            unit = layer.block_indent()
+            splices.append(layer.add_field(layer.body, "", f"batch_norm_param {{\n{unit}eps: {eps_text}\n}}"))
+            undo.append(("eps", "block"))
+        ugs = layer.bn_field("use_global_stats")
+        if ugs is not None and layer.use_global_stats is False and layer.runs_at_test:
+            splices.append(layer.set_value(ugs, "true"))
+            undo.append(("ugs", "false"))
+            changes.append("use_global_stats fixed")
+        if old_marker is None:
+            undo += model_undo
+        marker = Marker(opts.source, float(opts.target_eps), tuple(undo)).render()
+        if old_marker is not None:
+            splices.append(prototxt.Splice(old_marker[1], old_marker[2], marker))
+        else:
+            at = doc.line_end(layer.field.start)
+            splices.append(prototxt.Splice(at, at, marker))
+    if not sem.same_eps(eps_written if eps_written is not None else CAFFE_DEFAULT_EPS, opts.target_eps):
+        changes.append("eps set")
+    return splices
+
+
+def _verify_prototxt(doc, new_text: str, splices, groups) -> None:
+    """Every edit lies on the lines of a BatchNorm layer, and the result still parses the same way."""
+    spans = [(doc.line_start(l.field.start), doc.line_end(l.field.end)) for g in groups for l in g.proto]
+    for sp in splices:
+        if not any(a <= sp.start and sp.end <= b for a, b in spans):
+            raise AssertionError(f"internal error: edit outside a BatchNorm layer at {doc.where(sp.start)}")
+    if splices:
+        again = prototxt.parse(new_text, doc.path)
+        names = [(l.name, l.type) for l in again.layers()]
+        if names != [(l.name, l.type) for l in doc.layers()]:
+            raise AssertionError("internal error: the edited prototxt no longer has the same layers")

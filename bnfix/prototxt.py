@@ -1,0 +1,406 @@
+"""A lossless editor for Caffe prototxt (protobuf text format), cut down to what bnfix edits.
+
+The input text is the only source of truth (tomlkit's rule): tokens are ``(kind, start, end)``
+slices of it, messages and fields only remember spans, and the output is the original text with
+splices applied.  A document with no edits renders to exactly its input, CRLF, comments, odd
+quoting and unknown layer types included, because nothing is ever re-serialised.
+
+What is parsed: the whole text-format grammar that Caffe files use (``name: value``,
+``name { ... }``, ``name: { ... }``, ``< >`` messages, ``[a, b]`` lists, ``,``/``;``
+separators, adjacent string concatenation, ``#`` comments).  What is interpreted: top-level
+``layer`` blocks, their ``name``, ``type``, ``include``/``exclude`` phases and the fields of
+``batch_norm_param``.  Everything else is carried as spans and never looked at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BnfixError
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>[ \t\r\n\f\v]+)
+  | (?P<comment>\#[^\r\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<number>[-+]?(?:0[xX][0-9a-fA-F]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?))
+  | (?P<ident>[-+]?[A-Za-z_][A-Za-z0-9_.]*)
+  | (?P<punct>[{}\[\]<>:,;/])
+    """,
+    re.VERBOSE,
+)
+_CLOSE = {"{": "}", "<": ">"}
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str  # "comment" | "string" | "number" | "ident" | "punct"
+    start: int
+    end: int
+
+
+@dataclass
+class Field:
+    """``name: value`` or ``name { ... }``; spans are offsets into the document text."""
+
+    name: str
+    start: int  # first character of the name
+    end: int  # one past the value (the closing brace of a message)
+    value: Message | None = None  # set for message fields
+    value_tokens: list[Token] = field(default_factory=list)  # set for scalars (and lists)
+
+
+@dataclass
+class Message:
+    open: int  # offset of "{" ("-1" for the document itself)
+    close: int  # offset of "}" (len(text) for the document)
+    fields: list[Field] = field(default_factory=list)
+
+    def all(self, name: str) -> list[Field]:
+        return [f for f in self.fields if f.name == name]
+
+    def first(self, name: str) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+class Document:
+    """A parsed prototxt: the text, its tokens and the message tree."""
+
+    def __init__(self, text: str, path: str = "<prototxt>"):
+        self.text = text
+        self.path = path
+        self.tokens = _tokenize(text, self)
+        self.root = _Parser(self).parse()
+        self.newline = "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
+
+    # -- positions ------------------------------------------------------------------------
+    def where(self, offset: int) -> str:
+        line = self.text.count("\n", 0, offset) + 1
+        col = offset - (self.text.rfind("\n", 0, offset) + 1) + 1
+        return f"{self.path}:{line}:{col}"
+
+    def error(self, offset: int, message: str) -> BnfixError:
+        return BnfixError(f"{self.where(offset)}: {message}")
+
+    def line_start(self, offset: int) -> int:
+        return self.text.rfind("\n", 0, offset) + 1
+
+    def line_end(self, offset: int) -> int:
+        """Offset of the line break ending this line (before ``\\r\\n``), or len(text)."""
+        end = self.text.find("\n", offset)
+        if end < 0:
+            return len(self.text)
+        return end - 1 if end > 0 and self.text[end - 1] == "\r" else end
+
+    def same_line(self, a: int, b: int) -> bool:
+        return "\n" not in self.text[min(a, b) : max(a, b)]
+
+    def indent_of(self, offset: int) -> str | None:
+        """The whitespace before ``offset`` on its line, or None if anything else precedes it."""
+        before = self.text[self.line_start(offset) : offset]
+        return before if before.strip() == "" else None
+
+    def slice(self, tok: Token) -> str:
+        return self.text[tok.start : tok.end]
+
+    def scalar(self, f: Field) -> str:
+        """The value text of a scalar field (strings keep their quotes)."""
+        return "".join(self.slice(t) for t in f.value_tokens)
+
+    def string(self, f: Field | None) -> str | None:
+        """A string or enum field's value without quotes (escapes are not needed for names)."""
+        if f is None or f.value is not None:
+            return None
+        raw = self.scalar(f)
+        parts = re.findall(r"\"((?:[^\"\\]|\\.)*)\"|'((?:[^'\\]|\\.)*)'", raw)
+        return "".join(a or b for a, b in parts) if parts else raw
+
+    def comments_between(self, start: int, end: int) -> list[Token]:
+        return [t for t in self.tokens if t.kind == "comment" and start <= t.start < end]
+
+    # -- layers ---------------------------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        return [Layer(self, f, i) for i, f in enumerate(self.root.all("layer")) if f.value]
+
+    def render(self, splices: list[Splice]) -> str:
+        """The text with non-overlapping splices applied; no splices gives the input back."""
+        out, pos = [], 0
+        for sp in sorted(splices, key=lambda s: (s.start, s.end)):
+            if sp.start < pos:
+                raise AssertionError(f"overlapping edits at {self.where(sp.start)}")
+            out += [self.text[pos : sp.start], sp.text]
+            pos = sp.end
+        out.append(self.text[pos:])
+        return "".join(out)
+
+
+@dataclass(frozen=True)
+class Splice:
+    start: int
+    end: int
+    text: str
+
+
+class Layer:
+    """A ``layer { ... }`` block of the document, with the few facts bnfix needs."""
+
+    def __init__(self, doc: Document, f: Field, index: int):
+        assert f.value is not None
+        self.doc, self.field, self.body, self.index = doc, f, f.value, index
+        self.name = doc.string(self.body.first("name")) or ""
+        self.type = doc.string(self.body.first("type")) or ""
+
+    @property
+    def runs_at_test(self) -> bool:
+        """Whether Caffe instantiates this layer in the TEST phase (``NetState`` rules)."""
+        phase = self.doc.string(self.body.first("phase"))
+        if phase:
+            return phase == "TEST"
+        rules = self.body.all("include")
+        if rules:
+            return any(self._rule_phase(r) in (None, "TEST") for r in rules)
+        return not any(self._rule_phase(r) == "TEST" for r in self.body.all("exclude"))
+
+    def _rule_phase(self, rule: Field) -> str | None:
+        return self.doc.string(rule.value.first("phase")) if rule.value else None
+
+    @property
+    def bn_param(self) -> Field | None:
+        params = [f for f in self.body.all("batch_norm_param")]
+        if len(params) > 1:
+            raise self.doc.error(params[1].start, f"layer {self.name!r}: batch_norm_param given twice")
+        if params and params[0].value is None:
+            raise self.doc.error(params[0].start, f"layer {self.name!r}: batch_norm_param is not a block")
+        return params[0] if params else None
+
+    def bn_field(self, name: str) -> Field | None:
+        param = self.bn_param
+        if param is None:
+            return None
+        found = param.value.all(name)
+        if len(found) > 1:
+            raise self.doc.error(found[1].start, f"layer {self.name!r}: {name} given twice")
+        if found and found[0].value is not None:
+            raise self.doc.error(found[0].start, f"layer {self.name!r}: {name} must be a value")
+        return found[0] if found else None
+
+    @property
+    def eps_text(self) -> str | None:
+        f = self.bn_field("eps")
+        return self.doc.scalar(f) if f else None
+
+    @property
+    def eps(self) -> float | None:
+        """The eps written in the file, or None when Caffe's default (1e-5) applies."""
+        f = self.bn_field("eps")
+        if f is None:
+            return None
+        text = self.doc.scalar(f)
+        try:
+            return float(text.rstrip("fF")) if not text.lower().startswith("0x") else float.fromhex(text)
+        except ValueError:
+            raise self.doc.error(f.value_tokens[0].start, f"layer {self.name!r}: eps {text!r} is not a number") from None
+
+    @property
+    def use_global_stats(self) -> bool | None:
+        f = self.bn_field("use_global_stats")
+        if f is None:
+            return None
+        text = self.doc.scalar(f)
+        if text.lower() in ("true", "t", "1"):
+            return True
+        if text.lower() in ("false", "f", "0"):
+            return False
+        raise self.doc.error(f.start, f"layer {self.name!r}: use_global_stats {text!r} is not a boolean")
+
+    def comments(self) -> list[Token]:
+        """Comments on the lines this layer spans (its first line to its last)."""
+        doc = self.doc
+        return doc.comments_between(doc.line_start(self.field.start), doc.line_end(self.field.end))
+
+    # -- edits ----------------------------------------------------------------------------
+    def set_value(self, f: Field, text: str) -> Splice:
+        """Replace a scalar's value, keeping everything around it (including a trailing comment)."""
+        return Splice(f.value_tokens[0].start, f.value_tokens[-1].end, text)
+
+    def add_field(self, parent: Message, anchor_indent: str, text: str) -> Splice:
+        """Insert ``text`` (one or more lines, ``\\n``-separated) as the last field of ``parent``.
+
+        The new field borrows its indentation from the last sibling and the document's line
+        ending; a block that is written on one line gets the field on that same line.
+        """
+        doc = self.doc
+        last_end = parent.fields[-1].end if parent.fields else parent.open + 1
+        if doc.same_line(last_end, parent.close):
+            one_line = " ".join(part.strip() for part in text.split("\n"))
+            return Splice(last_end, last_end, " " + one_line)
+        if parent.fields:
+            indent = doc.indent_of(parent.fields[-1].start)
+            if indent is None:
+                indent = anchor_indent
+        else:
+            indent = (doc.indent_of(parent.close) or "") + _unit(anchor_indent)
+        pos = doc.line_end(last_end)
+        lines = [indent + part for part in text.split("\n")]
+        return Splice(pos, pos, doc.newline + doc.newline.join(lines))
+
+    def block_indent(self) -> str:
+        """One indentation step inside this layer, as its fields are indented."""
+        first = self.body.fields[0] if self.body.fields else None
+        outer = self.doc.indent_of(self.field.start) or ""
+        inner = self.doc.indent_of(first.start) if first else None
+        if inner is not None and len(inner) > len(outer) and inner.startswith(outer):
+            return inner[len(outer) :]
+        return "\t" if outer.startswith("\t") else "  "
+
+
+def _unit(indent: str) -> str:
+    return "\t" if indent.startswith("\t") else "  "
+
+
+def _tokenize(text: str, doc: Document) -> list[Token]:
+    tokens, pos, n = [], 0, len(text)
+    match = _TOKEN.match
+    while pos < n:
+        m = match(text, pos)
+        if m is None or m.end() == pos:
+            ch = text[pos]
+            what = "unterminated string" if ch in "\"'" else f"unexpected character {ch!r}"
+            raise doc.error(pos, what)
+        if m.lastgroup != "ws":
+            tokens.append(Token(m.lastgroup, pos, m.end()))
+        pos = m.end()
+    return tokens
+
+
+class _Parser:
+    """Recursive descent over the token list, skipping comments; builds the span tree."""
+
+    def __init__(self, doc: Document):
+        self.doc = doc
+        self.toks = [t for t in doc.tokens if t.kind != "comment"]
+        self.i = 0
+
+    def peek(self) -> Token | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def text(self, tok: Token | None) -> str:
+        return self.doc.slice(tok) if tok else ""
+
+    def take(self) -> Token:
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def parse(self) -> Message:
+        root = Message(-1, len(self.doc.text))
+        self.fields(root, closer=None)
+        return root
+
+    def fields(self, msg: Message, closer: str | None) -> None:
+        while True:
+            tok = self.peek()
+            if tok is None:
+                if closer is not None:
+                    raise self.doc.error(msg.open, f"'{self.doc.text[msg.open]}' is never closed")
+                return
+            t = self.text(tok)
+            if t == closer:
+                msg.close = tok.start
+                self.take()
+                return
+            if tok.kind == "punct" and t in "}>":
+                raise self.doc.error(tok.start, f"unexpected '{t}' (no block to close)")
+            msg.fields.append(self.field())
+            sep = self.peek()
+            if sep is not None and self.text(sep) in (",", ";"):
+                self.take()
+
+    def field(self) -> Field:
+        tok = self.take()
+        if tok.kind == "punct" and self.text(tok) == "[":  # [extension.name] or [type.url/Name]
+            while self.peek() is not None and self.text(self.peek()) != "]":
+                self.take()
+            if self.peek() is None:
+                raise self.doc.error(tok.start, "'[' is never closed")
+            name = self.doc.text[tok.start : self.take().end]
+        elif tok.kind == "ident":
+            name = self.text(tok)
+        else:
+            raise self.doc.error(tok.start, f"expected a field name, found {self.text(tok)!r}")
+        f = Field(name, tok.start, tok.end)
+        nxt = self.peek()
+        colon = nxt is not None and self.text(nxt) == ":"
+        if colon:
+            self.take()
+            nxt = self.peek()
+        if nxt is None:
+            raise self.doc.error(tok.start, f"field {name!r} has no value")
+        t = self.text(nxt)
+        if t in _CLOSE:
+            f.value = self.message()
+            f.end = f.value.close + 1
+        elif not colon:
+            raise self.doc.error(nxt.start, f"expected ':' or '{{' after {name!r}, found {t!r}")
+        elif t == "[":
+            self.list_value(f)
+        else:
+            f.value_tokens = self.scalar()
+            f.end = f.value_tokens[-1].end
+        return f
+
+    def message(self) -> Message:
+        opener = self.take()
+        msg = Message(opener.start, -1)
+        self.fields(msg, closer=_CLOSE[self.text(opener)])
+        return msg
+
+    def scalar(self) -> list[Token]:
+        tok = self.take()
+        if tok.kind not in ("string", "number", "ident"):
+            raise self.doc.error(tok.start, f"expected a value, found {self.text(tok)!r}")
+        toks = [tok]
+        while tok.kind == "string" and self.peek() is not None and self.peek().kind == "string":
+            toks.append(self.take())  # "a" "b" is one string in text format
+        return toks
+
+    def list_value(self, f: Field) -> None:
+        opener = self.take()
+        while True:
+            nxt = self.peek()
+            if nxt is None:
+                raise self.doc.error(opener.start, "'[' is never closed")
+            t = self.text(nxt)
+            if t == "]":
+                f.end = self.take().end
+                return
+            if t == ",":
+                self.take()
+            elif t in _CLOSE:
+                self.message()
+            else:
+                f.value_tokens += self.scalar()
+
+
+def parse(text: str, path: str = "<prototxt>") -> Document:
+    return Document(text, path)
+
+
+def read(path: str | Path) -> Document:
+    """Read and parse; bytes that are not text (a caffemodel, say) are refused up front."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise BnfixError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if b"\0" in raw[:4096]:
+        raise BnfixError(f"{p}: not a text prototxt (binary data; is it a caffemodel?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BnfixError(f"{p}: not UTF-8 text at byte {exc.start}") from None
+    if text.startswith("\ufeff"):
+        raise BnfixError(f"{p}: starts with a byte-order mark, which Caffe's parser rejects")
+    return Document(text, str(p))
