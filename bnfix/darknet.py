@@ -257,7 +257,9 @@ class _Ctx:
             ref = int(item)
             absolute = self.index + ref if ref < 0 else ref
             if not 0 <= absolute < self.index:
-                raise self.fail(f"{key}={raw}: {ref} refers to layer {absolute}, which is not before this one", key)
+                raise self.fail(
+                    f"{key}={raw}: {ref} refers to layer {absolute}, which is not before this one", key
+                )
             result.append(absolute)
         return result
 
@@ -314,7 +316,8 @@ def _deconvolutional(x: _Ctx) -> _Layer:
     bn = bool(x.get_int("batch_normalize", 0))
     w = (inp.w - 1) * stride + size - 2 * padding
     h = (inp.h - 1) * stride + size - 2 * padding
-    out = x.positive(_image(w, h, n), f"input {inp.w}x{inp.h}, size {size}, stride {stride}, padding {padding}")
+    detail = f"input {inp.w}x{inp.h}, size {size}, stride {stride}, padding {padding}"
+    out = x.positive(_image(w, h, n), detail)
     blocks = (_Block("biases", n),) + (_bn_blocks(n, biases=False) if bn else ())
     blocks += (_Block("weights", inp.c * n * size * size),)
     return _Layer(out, blocks, "deconvolutional" if bn else None, n)
@@ -365,7 +368,8 @@ def _maxpool(x: _Ctx, *, avg: bool = False) -> _Layer:
     h = _cdiv(inp.h + padding - size, step_y) + 1
     if aa:
         w, h = _blur(w, h, aa, sx, sy)
-    return _Layer(x.positive(_image(w, h, inp.c), f"input {inp.w}x{inp.h}, size {size}, stride {sx}, padding {padding}"))
+    detail = f"input {inp.w}x{inp.h}, size {size}, stride {sx}, padding {padding}"
+    return _Layer(x.positive(_image(w, h, inp.c), detail))
 
 
 def _avgpool(x: _Ctx) -> _Layer:
@@ -398,7 +402,8 @@ def _shortcut(x: _Ctx) -> _Layer:
     refs = x.refs("from")
     kind = x.get_str("weights_type", "none")
     if kind not in _SHORTCUT_WEIGHTS:
-        raise x.fail(f"weights_type={kind!r}: expected none, per_feature, per_layer or per_channel", "weights_type")
+        expected = "expected none, per_feature, per_layer or per_channel"
+        raise x.fail(f"weights_type={kind!r}: {expected}", "weights_type")
     count = {0: 0, 1: len(refs) + 1, 2: (len(refs) + 1) * x.inp.c}[_SHORTCUT_WEIGHTS[kind]]
     out = _image(x.inp.w, x.inp.h, x.inp.c)
     return _Layer(out, (_Block("weights", count),) if count else ())
@@ -427,7 +432,8 @@ def _reorg(x: _Ctx) -> _Layer:
 
 def _crop(x: _Ctx) -> _Layer:
     inp = x.image()
-    return _Layer(_image(x.get_int("crop_width", 1, minimum=1), x.get_int("crop_height", 1, minimum=1), inp.c))
+    w, h = x.get_int("crop_width", 1, minimum=1), x.get_int("crop_height", 1, minimum=1)
+    return _Layer(_image(w, h, inp.c))
 
 
 def _like_from(x: _Ctx) -> _Layer:
@@ -561,25 +567,14 @@ def read_bn_layers(
     planned = _plan_layers(sections, cfg_name, bn_biases=bn_biases)
     size = os.stat(weights_path).st_size
 
-    offsets: list[dict[str, int]] = []
-    cursor = header.header_size
-    for p in planned:
-        where: dict[str, int] = {}
-        for block in p.layer.blocks:
-            end = cursor + 4 * block.count
-            if end > size:
-                raise BnfixError(
-                    f"{weights_name}: truncated: layer {p.index} [{p.section.name}] needs "
-                    f"{end - size} more bytes for {block.name}{_layout_hint(sections, cfg_name, bn_biases, header, size)}"
-                )
-            where[block.name] = cursor
-            cursor = end
-        offsets.append(where)
-    if cursor != size:
+    def hint() -> str:
+        return _layout_hint(sections, cfg_name, bn_biases, header, size)
+
+    offsets, end = _locate(planned, header.header_size, size, weights_name, hint)
+    if end != size:
         raise BnfixError(
-            f"{weights_name}: {size - cursor} unexpected trailing bytes: cfg and weights do not match "
-            f"({cfg_name} accounts for {cursor} of {size} bytes)"
-            f"{_layout_hint(sections, cfg_name, bn_biases, header, size)}"
+            f"{weights_name}: {size - end} unexpected trailing bytes: cfg and weights do not match "
+            f"({cfg_name} accounts for {end} of {size} bytes){hint()}"
         )
 
     result = []
@@ -601,6 +596,26 @@ def read_bn_layers(
                 )
             )
     return header, result
+
+
+def _locate(
+    planned: list[_Planned], start: int, size: int, name: str, hint: Callable[[], str]
+) -> tuple[list[dict[str, int]], int]:
+    """Byte offset of every block, per layer, and where the last one ends; a short file fails here."""
+    result: list[dict[str, int]] = []
+    cursor = start
+    for p in planned:
+        where: dict[str, int] = {}
+        for block in p.layer.blocks:
+            end = cursor + 4 * block.count
+            if end > size:
+                raise BnfixError(
+                    f"{name}: truncated: layer {p.index} [{p.section.name}] needs "
+                    f"{end - size} more bytes for {block.name}{hint()}"
+                )
+            where[block.name], cursor = cursor, end
+        result.append(where)
+    return result, cursor
 
 
 def _layout_hint(sections: list[Section], cfg: str, bn_biases: bool, header: WeightsHeader, size: int) -> str:

@@ -99,8 +99,8 @@ class LayerReport:
     eps_after: float = CAFFE_DEFAULT_EPS
     max_rel_var_change: float = 0.0
     negative_channels: int = 0
-    err_before: float = 0.0
-    err_after: float = 0.0
+    err_before: float | None = 0.0  # max relative error of Caffe's denominator vs Darknet's
+    err_after: float | None = 0.0  # None when unknown (layer patched by an earlier run)
     worst_channel: int = 0
 
 
@@ -304,6 +304,11 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
         return LayerReport(g.name, channels, SKIPPED, reason=stats, warning=True,
                            eps_before=eps_before, eps_after=eps_before), [], {}
     decision = decide(eps_before, stats.s, g.marker, opts)
+    if decision.status == UP_TO_DATE:
+        # The original statistics are gone; measured against the variance recovered from the
+        # patched one the error would be ~0 by construction, so none is claimed.
+        return LayerReport(g.name, channels, UP_TO_DATE, reason=decision.reason, eps_before=eps_before,
+                           eps_after=eps_before, err_before=None, err_after=None), [], {}
     if decision.status != PATCHED:
         ref = _reference_variance(stats, g.marker)
         err = _errors(stats.var, stats.s, eps_before, ref, opts.source)
