@@ -14,6 +14,7 @@ separators, adjacent string concatenation, ``#`` comments).  What is interpreted
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ class Document:
         self.text = text
         self.path = path
         self.tokens = _tokenize(text, self)
+        self._comments = [t for t in self.tokens if t.kind == "comment"]
+        self._comment_starts = [t.start for t in self._comments]
         self.root = _Parser(self).parse()
         self.newline = "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
 
@@ -118,7 +121,9 @@ class Document:
         return "".join(a or b for a, b in parts) if parts else raw
 
     def comments_between(self, start: int, end: int) -> list[Token]:
-        return [t for t in self.tokens if t.kind == "comment" and start <= t.start < end]
+        lo = bisect.bisect_left(self._comment_starts, start)
+        hi = bisect.bisect_left(self._comment_starts, end)
+        return self._comments[lo:hi]
 
     # -- layers ---------------------------------------------------------------------------
     def layers(self) -> list[Layer]:
@@ -235,7 +240,8 @@ class Layer:
         last_end = parent.fields[-1].end if parent.fields else parent.open + 1
         if doc.same_line(last_end, parent.close):
             one_line = " ".join(part.strip() for part in text.split("\n"))
-            return Splice(last_end, last_end, " " + one_line)
+            tail = "" if doc.text[last_end].isspace() else " "  # `{}` becomes `{ eps: 1e-06 }`
+            return Splice(last_end, last_end, " " + one_line + tail)
         if parent.fields:
             indent = doc.indent_of(parent.fields[-1].start)
             if indent is None:
