@@ -87,9 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[dict] = []
     code = EXIT_OK
     pairs = list(zip(args.files[::2], args.files[1::2]))
+    if args.json and args.json != "-":
+        clash = next((f for f in args.files if _same(Path(args.json), Path(f))), None)
+        if clash:
+            _error(f"{args.json}: the JSON report would overwrite the input {clash}")
+            return EXIT_ERROR
+    written: set[Path] = set()
     for pp, mp in pairs:
         try:
-            result = _run_pair(Path(pp), Path(mp), options, args, console)
+            result = _run_pair(Path(pp), Path(mp), options, args, console, written)
         except BnfixError as exc:
             _error(str(exc))
             errors.append({"prototxt": pp, "caffemodel": mp, "error": str(exc)})
@@ -120,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _run_pair(pp: Path, mp: Path, options: Options, args, console) -> Result:
+def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[Path]) -> Result:
     outs = None
     if not (args.check or args.dry_run):
         outs = output_paths(pp, mp, args.output_dir, args.in_place)
+        for out in outs:
+            if out.resolve() in written:
+                raise BnfixError(f"{out}: already written by an earlier pair of this run")
     result = patch(pp, mp, options)
     if outs is not None:
         result.save(*outs, backup=args.in_place, progress=_progress(console, result.caffemodel))
+        written.update(out.resolve() for out in outs)
     return result
 
 
@@ -166,8 +176,9 @@ def _console(args):
     stream = sys.stderr if args.json == "-" else sys.stdout
     color = {"always": True, "never": False}.get(args.color)
     no_color = color is False or (color is None and bool(os.environ.get("NO_COLOR")))
+    # NO_COLOR means no ANSI styling at all (rich's own no_color would keep bold and dim).
     console = Console(file=stream, force_terminal=color, no_color=no_color, highlight=False,
-                      soft_wrap=False)
+                      soft_wrap=False, **({"color_system": None} if no_color else {}))
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 160
     return console

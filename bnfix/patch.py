@@ -170,7 +170,7 @@ class Decision:
     warning: bool = False
 
 
-def decide(eps_before: float, s: float, marker: Marker | None, opts: Options) -> Decision:
+def decide(eps_written: float | None, s: float, marker: Marker | None, opts: Options) -> Decision:
     """Whether to patch one layer, from what the files say (pure; the heart of "never double-correct")."""
     if marker is not None:
         same = (marker.formula.inside, marker.formula.outside) == (opts.source.inside, opts.source.outside)
@@ -183,7 +183,9 @@ def decide(eps_before: float, s: float, marker: Marker | None, opts: Options) ->
     if s not in (0.0, 1.0) and not opts.force:
         return Decision(SKIPPED, f"scale factor s={s:.8g}: statistics look trained in Caffe, not converted "
                         "from Darknet (--force to patch anyway)", warning=True)
-    if sem.same_eps(eps_before, opts.target_eps) and not opts.force:
+    # Only an eps written in the file is ambiguous: Caffe's default (no eps field) says the
+    # converter left eps alone, so the variance is certainly raw.
+    if eps_written is not None and sem.same_eps(eps_written, opts.target_eps) and not opts.force:
         return Decision(SKIPPED, f"eps is already {opts.target_eps!r} but there is no bnfix marker: the "
                         "converter may have set eps without refitting the variance (--force to patch)",
                         warning=True)
@@ -212,6 +214,7 @@ def patch(prototxt_path: str | Path, caffemodel_path: str | Path, options: Optio
             raise BnfixError(f"{p}: no such file")
         if p.is_dir():
             raise BnfixError(f"{p}: is a directory, not a file")
+    _refuse_swapped(pp, mp)
     doc = prototxt.read(pp)
     with caffemodel.Model(mp) as model:
         groups, warnings = _pair(doc, model)
@@ -225,6 +228,24 @@ def patch(prototxt_path: str | Path, caffemodel_path: str | Path, options: Optio
     new_text = doc.render(splices)
     _verify_prototxt(doc, new_text, splices, groups)
     return Result(pp, mp, options, reports, warnings, new_text, doc.text, replacements, size, mtime)
+
+
+def _refuse_swapped(pp: Path, mp: Path) -> None:
+    """A binary first argument and a text second one: say so, rather than two confusing errors."""
+    try:
+        with open(pp, "rb") as f:
+            head_p = f.read(4096)
+        with open(mp, "rb") as f:
+            head_m = f.read(4096)
+    except OSError:
+        return  # the readers below report the file that cannot be read
+    if b"\0" in head_p and head_m and b"\0" not in head_m and _textual(head_m):
+        raise BnfixError(f"{pp}: is binary and {mp} is text: the arguments look swapped "
+                         "(give the .prototxt first, then the .caffemodel)")
+
+
+def _textual(head: bytes) -> bool:
+    return all(b in b"\t\r\n" or 32 <= b < 127 or b >= 128 for b in head)
 
 
 def _pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[_Group], list[str]]:
@@ -287,10 +308,10 @@ def _check(stats: _Stats, name: str, path: Path) -> None:
     for what, values, neg in (("variance", stats.var, False), ("mean", stats.mean, True)):
         ch = sem.bad_channel(values, allow_negative=neg)
         if ch is not None:
-            raise BnfixError(f"{path}: layer {name!r} channel {ch}: {what} is {values[ch]!r}; "
+            raise BnfixError(f"{path}: layer {name!r} channel {ch}: {what} is {float(values[ch])!r}; "
                              "refusing to patch corrupt statistics")
     if not np.isfinite(stats.s) or stats.s < 0:
-        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {stats.s!r}")
+        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {float(stats.s)!r}")
 
 
 def _patch_group(g: _Group, opts: Options, model_path: Path):
@@ -303,7 +324,7 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
     if isinstance(stats, str):
         return LayerReport(g.name, channels, SKIPPED, reason=stats, warning=True,
                            eps_before=eps_before, eps_after=eps_before), [], {}
-    decision = decide(eps_before, stats.s, g.marker, opts)
+    decision = decide(eps_written, stats.s, g.marker, opts)
     if decision.status == UP_TO_DATE:
         # The original statistics are gone; measured against the variance recovered from the
         # patched one the error would be ~0 by construction, so none is claimed.
