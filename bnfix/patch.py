@@ -439,11 +439,11 @@ def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], m
             if old_marker is None:
                 undo.append(("eps", doc.scalar(eps_field)))
         elif param is not None:
-            splices.append(layer.add_field(param.value, layer.doc.indent_of(param.start) or "", f"eps: {eps_text}"))
+            splices.append(layer.add_field(param.value, f"eps: {eps_text}"))
             undo.append(("eps", "none"))
         else:
             unit = layer.block_indent()
-            splices.append(layer.add_field(layer.body, "", f"batch_norm_param {{\n{unit}eps: {eps_text}\n}}"))
+            splices.append(layer.add_field(layer.body, f"batch_norm_param {{\n{unit}eps: {eps_text}\n}}"))
             undo.append(("eps", "block"))
         ugs = layer.bn_field("use_global_stats")
         if ugs is not None and layer.use_global_stats is False and layer.runs_at_test:
@@ -457,7 +457,7 @@ def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], m
             splices.append(prototxt.Splice(old_marker[1], old_marker[2], marker))
         else:
             at = doc.line_end(layer.field.start)
-            splices.append(prototxt.Splice(at, at, marker))
+            splices.append(prototxt.Splice(at, at, marker, order=-1))  # before a field inserted there
     if not sem.same_eps(eps_written if eps_written is not None else CAFFE_DEFAULT_EPS, opts.target_eps):
         changes.append("eps set")
     return splices

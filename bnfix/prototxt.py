@@ -132,7 +132,7 @@ class Document:
     def render(self, splices: list[Splice]) -> str:
         """The text with non-overlapping splices applied; no splices gives the input back."""
         out, pos = [], 0
-        for sp in sorted(splices, key=lambda s: (s.start, s.end)):
+        for sp in sorted(splices, key=lambda s: (s.start, s.end, s.order)):
             if sp.start < pos:
                 raise AssertionError(f"overlapping edits at {self.where(sp.start)}")
             out += [self.text[pos : sp.start], sp.text]
@@ -143,9 +143,12 @@ class Document:
 
 @dataclass(frozen=True)
 class Splice:
+    """Replace ``text[start:end]``; among insertions at one offset, lower ``order`` goes first."""
+
     start: int
     end: int
     text: str
+    order: int = 0
 
 
 class Layer:
@@ -230,7 +233,7 @@ class Layer:
         """Replace a scalar's value, keeping everything around it (including a trailing comment)."""
         return Splice(f.value_tokens[0].start, f.value_tokens[-1].end, text)
 
-    def add_field(self, parent: Message, anchor_indent: str, text: str) -> Splice:
+    def add_field(self, parent: Message, text: str) -> Splice:
         """Insert ``text`` (one or more lines, ``\\n``-separated) as the last field of ``parent``.
 
         The new field borrows its indentation from the last sibling and the document's line
@@ -240,14 +243,10 @@ class Layer:
         last_end = parent.fields[-1].end if parent.fields else parent.open + 1
         if doc.same_line(last_end, parent.close):
             one_line = " ".join(part.strip() for part in text.split("\n"))
-            tail = "" if doc.text[last_end].isspace() else " "  # `{}` becomes `{ eps: 1e-06 }`
-            return Splice(last_end, last_end, " " + one_line + tail)
-        if parent.fields:
-            indent = doc.indent_of(parent.fields[-1].start)
-            if indent is None:
-                indent = anchor_indent
-        else:
-            indent = (doc.indent_of(parent.close) or "") + _unit(anchor_indent)
+            return Splice(last_end, last_end, " " + one_line)  # exactly what revert removes
+        indent = doc.indent_of(parent.fields[-1].start) if parent.fields else None
+        if indent is None:  # no sibling on a line of its own: one step inside the closing brace
+            indent = (doc.indent_of(parent.close) or "") + self.block_indent()
         pos = doc.line_end(last_end)
         lines = [indent + part for part in text.split("\n")]
         return Splice(pos, pos, doc.newline + doc.newline.join(lines))
@@ -260,10 +259,6 @@ class Layer:
         if inner is not None and len(inner) > len(outer) and inner.startswith(outer):
             return inner[len(outer) :]
         return "\t" if outer.startswith("\t") else "  "
-
-
-def _unit(indent: str) -> str:
-    return "\t" if indent.startswith("\t") else "  "
 
 
 def _tokenize(text: str, doc: Document) -> list[Token]:

@@ -147,7 +147,8 @@ def test_adds_block_with_four_space_and_tab_indent(pair):
 
 
 def test_empty_blocks(pair):
-    assert "batch_norm_param { eps: 1e-06 }" in _patched(pair, BN.format(body="  batch_norm_param {}\n"))
+    # `{}` gets exactly " eps: 1e-06" inserted, the text a revert removes again.
+    assert "batch_norm_param { eps: 1e-06}" in _patched(pair, BN.format(body="  batch_norm_param {}\n"))
     new = _patched(pair, BN.format(body="  batch_norm_param {\n  }\n"))
     assert "  batch_norm_param {\n    eps: 1e-06\n  }\n" in new
 
@@ -170,6 +171,16 @@ def test_brace_on_its_own_line(pair):
     new = _patched(pair, text)
     assert new.startswith("layer" + MARK.format("eps=block model.eps=none") + "\n{\n")
     check_lossless(text, new)
+
+
+def test_fields_on_the_opening_line(pair):
+    """The new block goes where the marker goes (end of the opening line): marker first."""
+    text = 'layer { name: "bn" type: "BatchNorm"\n}\n'
+    new = _patched(pair, text)
+    assert new == ('layer { name: "bn" type: "BatchNorm"' + MARK.format("eps=block model.eps=none")
+                   + "\n  batch_norm_param {\n    eps: 1e-06\n  }\n}\n")
+    pp, mp = pair(new, name="again")
+    assert bnfix.patch(pp, mp).layers[0].status == "up to date"
 
 
 def test_use_global_stats_false_fixed_only_at_test_time(pair):
