@@ -219,17 +219,29 @@ class BatchNormLayer:
                 raise WireError(f"layer {self.layer.name!r}: bad batch_norm_param: {exc}") from None
         return msg
 
-    def rebuilt(self, blob_values: dict[int, np.ndarray], param) -> bytes:
-        """The whole layer entry (key, length, payload) with new blob values and param."""
+    def rebuilt(self, blob_values: dict[int, np.ndarray], param, *, drop_param: bool = False) -> bytes:
+        """The whole layer entry (key, length, payload) with new blob values and param.
+
+        ``param`` replaces the stored ``batch_norm_param`` (the first occurrence's place, or the
+        end); ``drop_param`` removes it; otherwise it is left as it is.
+        """
         payload = bytearray(self.payload)
         for i, values in blob_values.items():
             self.blobs[i].write(payload, values)
-        if param is not None:
-            encoded = key(LAYER_BN_PARAM, LEN) + encode_varint(param.ByteSize()) + param.SerializeToString()
+        if param is not None or drop_param:
+            encoded = b"" if drop_param else (
+                key(LAYER_BN_PARAM, LEN) + encode_varint(param.ByteSize()) + param.SerializeToString())
             cuts = self.param_spans or [Span(LAYER_BN_PARAM, LEN, len(payload), len(payload), len(payload))]
             for i, sp in reversed(list(enumerate(cuts))):
                 payload[sp.start : sp.end] = encoded if i == 0 else b""
         return key(LAYER, LEN) + encode_varint(len(payload)) + bytes(payload)
+
+
+def payload_of(entry: bytes) -> bytes:
+    """The message bytes of one encoded field (key + length + payload), e.g. a rebuilt layer."""
+    _, pos = read_varint(entry, 0, len(entry))
+    length, pos = read_varint(entry, pos, len(entry))
+    return entry[pos : pos + length]
 
 
 class Model:

@@ -19,6 +19,7 @@ from . import __version__, atomic
 from . import semantics as sem
 from .errors import BnfixError
 from .patch import Options, Result, patch
+from .revert import revert
 
 EXIT_OK, EXIT_WORK, EXIT_ERROR = 0, 1, 2
 
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                         "opencv, or 'sqrt(var+A)+B'")
     p.add_argument("--target-eps", type=float, default=1e-6, metavar="EPS",
                    help="eps to store in the model (default 1e-6; NVCaffe and cuDNN<7.6.5 need >= 1e-5)")
+    p.add_argument("--revert", action="store_true",
+                   help="undo an earlier bnfix patch (original variance, eps and use_global_stats)")
     p.add_argument("--force", action="store_true",
                    help="patch layers that look already patched or not converted from Darknet")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.files) % 2:
         parser.print_usage(sys.stderr)
         print("bnfix: error: files come in pairs: PROTOTXT CAFFEMODEL [PROTOTXT CAFFEMODEL ...]", file=sys.stderr)
+        return EXIT_ERROR
+    if args.revert and (args.check or args.force):
+        parser.print_usage(sys.stderr)
+        print("bnfix: error: --revert cannot be combined with --check or --force", file=sys.stderr)
         return EXIT_ERROR
     try:
         options = Options(sem.parse_source(args.source), args.target_eps, args.force)
@@ -133,7 +140,7 @@ def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[
         for out in outs:
             if out.resolve() in written:
                 raise BnfixError(f"{out}: already written by an earlier pair of this run")
-    result = patch(pp, mp, options)
+    result = revert(pp, mp) if args.revert else patch(pp, mp, options)
     if outs is not None:
         result.save(*outs, backup=args.in_place, progress=_progress(console, result.caffemodel))
         written.update(out.resolve() for out in outs)

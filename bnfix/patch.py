@@ -119,10 +119,12 @@ class Result:
     _model_size: int
     _model_mtime: int
     outputs: tuple[Path, Path] | None = None
+    mode: str = "patch"  # or "revert"
 
     @property
     def needs_work(self) -> bool:
-        return any(r.status == PATCHED for r in self.layers)
+        """Whether a write would change a layer (what ``--check`` reports)."""
+        return any(r.status in (PATCHED, "reverted") for r in self.layers)
 
     @property
     def changed(self) -> bool:
@@ -208,6 +210,15 @@ def patch(prototxt_path: str | Path, caffemodel_path: str | Path, options: Optio
         options = Options(**kw)
     elif kw:
         raise TypeError("give either options or keyword arguments, not both")
+    return run(prototxt_path, caffemodel_path, options, lambda g, mp: _patch_group(g, options, mp))
+
+
+def run(prototxt_path, caffemodel_path, options: Options, per_layer, mode: str = "patch") -> Result:
+    """Read both files, pair their BatchNorm layers, apply ``per_layer`` to each, verify.
+
+    ``per_layer(group, caffemodel_path)`` returns ``(LayerReport, prototxt splices,
+    {layer index: (start, end, new entry bytes)})``; patch and revert differ only there.
+    """
     pp, mp = Path(prototxt_path), Path(caffemodel_path)
     for p in (pp, mp):
         if not p.exists():
@@ -217,17 +228,17 @@ def patch(prototxt_path: str | Path, caffemodel_path: str | Path, options: Optio
     _refuse_swapped(pp, mp)
     doc = prototxt.read(pp)
     with caffemodel.Model(mp) as model:
-        groups, warnings = _pair(doc, model)
+        groups, warnings = pair_layers(doc, model)
         reports, splices, replacements = [], [], {}
         for g in groups:
-            rep, sp, rp = _patch_group(g, options, mp)
+            rep, sp, rp = per_layer(g, mp)
             reports.append(rep)
             splices += sp
             replacements.update(rp)
         size, mtime = model.size, model.mtime_ns
     new_text = doc.render(splices)
     _verify_prototxt(doc, new_text, splices, groups)
-    return Result(pp, mp, options, reports, warnings, new_text, doc.text, replacements, size, mtime)
+    return Result(pp, mp, options, reports, warnings, new_text, doc.text, replacements, size, mtime, mode=mode)
 
 
 def _refuse_swapped(pp: Path, mp: Path) -> None:
@@ -248,7 +259,7 @@ def _textual(head: bytes) -> bool:
     return all(b in b"\t\r\n" or 32 <= b < 127 or b >= 128 for b in head)
 
 
-def _pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[_Group], list[str]]:
+def pair_layers(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[_Group], list[str]]:
     """Group the prototxt's BatchNorm layers by name and find each in the caffemodel."""
     by_name: dict[str, list[caffemodel.Layer]] = {}
     for layer in model.layers:
@@ -294,7 +305,7 @@ class _Stats:
     s: float
 
 
-def _stats(bn: caffemodel.BatchNormLayer) -> _Stats | str:
+def stats_of(bn: caffemodel.BatchNormLayer) -> _Stats | str:
     """The three BVLC blobs (also the first three of NVCaffe's 5), or why they are not usable."""
     b = bn.blobs
     if len(b) not in (3, 5):
@@ -319,7 +330,7 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
     eps_written = test_layers[0].eps
     eps_before = CAFFE_DEFAULT_EPS if eps_written is None else eps_written
     first = g.model[0]
-    stats = _stats(first)
+    stats = stats_of(first)
     channels = first.blobs[0].count if first.blobs else 0
     if isinstance(stats, str):
         return LayerReport(g.name, channels, SKIPPED, reason=stats, warning=True,
@@ -332,7 +343,7 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
                            eps_after=eps_before, err_before=None, err_after=None), [], {}
     if decision.status != PATCHED:
         ref = _reference_variance(stats, g.marker)
-        err = _errors(stats.var, stats.s, eps_before, ref, opts.source)
+        err = sem.denominator_error(stats.var, stats.s, eps_before, ref, opts.source)
         return LayerReport(g.name, channels, decision.status, reason=decision.reason, warning=decision.warning,
                            eps_before=eps_before, eps_after=eps_before, err_before=float(err.max(initial=0)),
                            err_after=float(err.max(initial=0)), worst_channel=_argmax(err)), [], {}
@@ -341,7 +352,7 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
     replacements: dict[int, tuple[int, int, bytes]] = {}
     reports = []
     for bn in g.model:
-        st = _stats(bn)
+        st = stats_of(bn)
         if isinstance(st, str):
             raise BnfixError(f"{bn.layer.name!r}: duplicate entries in the caffemodel disagree: {st}")
         _check(st, g.name, model_path)
@@ -359,10 +370,6 @@ def _reference_variance(st: _Stats, marker: Marker | None) -> np.ndarray:
     return np.asarray(st.var, np.float64) / s
 
 
-def _errors(var_stored, s, eps, ref_var, formula) -> np.ndarray:
-    return sem.relative_error(sem.caffe_denominator(var_stored, s, eps), formula.denominator(ref_var))
-
-
 def _argmax(a: np.ndarray) -> int:
     return int(np.argmax(a)) if a.size else 0
 
@@ -370,7 +377,7 @@ def _argmax(a: np.ndarray) -> int:
 def _patch_model_layer(bn, st: _Stats, marker, opts: Options, eps_before, replacements, changes):
     """New variance (and scale factor, and stored param) for one caffemodel entry; verified."""
     ref = _reference_variance(st, marker)
-    err_before = _errors(st.var, st.s, eps_before, ref, opts.source)
+    err_before = sem.denominator_error(st.var, st.s, eps_before, ref, opts.source)
     s = st.s
     blob_values: dict[int, np.ndarray] = {}
     undo: list[tuple[str, str]] = []
@@ -397,11 +404,11 @@ def _patch_model_layer(bn, st: _Stats, marker, opts: Options, eps_before, replac
     replacements[bn.layer.index] = (bn.layer.start, bn.layer.end, entry)
 
     # Verify from the bytes just encoded, not from the float64 intent.
-    written = caffemodel.decode_batch_norm(bn.layer, _payload_of(entry))
-    wst = _stats(written)
+    written = caffemodel.decode_batch_norm(bn.layer, caffemodel.payload_of(entry))
+    wst = stats_of(written)
     assert not isinstance(wst, str)
     stored_eps = float(written.param().eps)
-    err_after = _errors(wst.var, wst.s, stored_eps, ref, opts.source)
+    err_after = sem.denominator_error(wst.var, wst.s, stored_eps, ref, opts.source)
     if not np.all(np.isfinite(err_after)):
         raise BnfixError(f"layer {bn.layer.name!r}: patched denominator is not finite; refusing to write")
     report = LayerReport(
@@ -413,12 +420,6 @@ def _patch_model_layer(bn, st: _Stats, marker, opts: Options, eps_before, replac
     )
     return report, undo
 
-
-def _payload_of(entry: bytes) -> bytes:
-    """The LayerParameter bytes of an encoded ``layer`` entry (key + length + payload)."""
-    _, pos = caffemodel.read_varint(entry, 0, len(entry))
-    length, pos = caffemodel.read_varint(entry, pos, len(entry))
-    return entry[pos : pos + length]
 
 
 def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], model_undo) -> list[prototxt.Splice]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .patch import PATCHED, SKIPPED, UP_TO_DATE, LayerReport, Result
+from .revert import REVERTED
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -40,6 +41,7 @@ def totals(results: list[Result]) -> dict:
         "pairs": len(results),
         "layers": len(layers),
         "patched": sum(l.status == PATCHED for l in layers),
+        "reverted": sum(l.status == REVERTED for l in layers),
         "skipped": sum(l.status == SKIPPED for l in layers),
         "up_to_date": sum(l.status == UP_TO_DATE for l in layers),
         "channels": sum(l.channels for l in layers),
@@ -52,6 +54,7 @@ def totals(results: list[Result]) -> dict:
 def pair_dict(result: Result) -> dict:
     src = result.options.source
     return {
+        "mode": result.mode,
         "prototxt": str(result.prototxt),
         "caffemodel": str(result.caffemodel),
         "source": {"preset": src.preset, "formula": src.expression, "inside": src.inside, "outside": src.outside},
@@ -91,15 +94,16 @@ def _eps(x: float) -> str:
 
 
 def _status_cell(l: LayerReport) -> str:
-    if l.status == PATCHED:
-        return "[green]" + ", ".join(l.changes) + "[/]"
+    if l.status in (PATCHED, REVERTED):
+        note = f"; [yellow]{l.reason}[/]" if l.reason else ""
+        return "[green]" + ", ".join(l.changes) + "[/]" + note
     if l.status == UP_TO_DATE:
         return "[dim]up to date (bnfix marker)[/]"
     return f"[yellow]skipped: {l.reason}[/]" if l.warning else f"skipped: {l.reason}"
 
 
 def _error_cell(l: LayerReport) -> str:
-    if l.status != PATCHED:
+    if l.status not in (PATCHED, REVERTED):
         return _e(l.err_before)
     colour = "green" if l.err_after is not None and l.err_after <= 1e-6 else "yellow"
     return f"{_e(l.err_before)} → [{colour}]{_e(l.err_after)}[/]"
@@ -112,11 +116,12 @@ def table(result: Result) -> RenderableType:
     from rich.text import Text
 
     src = result.options.source
-    title = Text.from_markup(
-        f"[bold]{result.prototxt}[/] + [bold]{result.caffemodel}[/]\n"
-        f"Darknet formula assumed: [cyan]D = {src}[/]; Caffe: sqrt(var/s + eps), eps → "
-        f"{result.options.target_eps!r}"
-    )
+    if result.mode == "revert":
+        how = "reverting bnfix patches (formula and eps read from each layer's marker)"
+    else:
+        how = (f"Darknet formula assumed: [cyan]D = {src}[/]; Caffe: sqrt(var/s + eps), eps → "
+               f"{result.options.target_eps!r}")
+    title = Text.from_markup(f"[bold]{result.prototxt}[/] + [bold]{result.caffemodel}[/]\n{how}")
     t = Table(show_lines=False, header_style="bold", expand=False)
     t.add_column("layer", overflow="fold")
     t.add_column("ch", justify="right")
@@ -129,7 +134,7 @@ def table(result: Result) -> RenderableType:
         eps = _eps(l.eps_before) if l.eps_after == l.eps_before else f"{_eps(l.eps_before)} → {_eps(l.eps_after)}"
         neg = f"[yellow]{l.negative_channels}[/]" if l.negative_channels else "0"
         t.add_row(l.name, str(l.channels), eps, _status_cell(l),
-                  _e(l.max_rel_var_change) if l.status == PATCHED else "-", neg, _error_cell(l))
+                  _e(l.max_rel_var_change) if l.status in (PATCHED, REVERTED) else "-", neg, _error_cell(l))
     parts: list = [title, t, Text.from_markup(summary_line(result))]
     for w in result.warnings:
         parts.append(Text.from_markup(f"[yellow]warning:[/] {w}"))
@@ -146,6 +151,9 @@ def table(result: Result) -> RenderableType:
 
 def summary_line(result: Result) -> str:
     t = totals([result])
+    if result.mode == "revert":
+        return (f"{t['reverted']} of {t['layers']} BatchNorm layers reverted ({t['channels']} channels), "
+                f"{t['skipped']} without a bnfix marker; denominator error now {_e(t['err_after'])}")
     line = (f"{t['patched']} of {t['layers']} BatchNorm layers patched ({t['channels']} channels), "
             f"{t['up_to_date']} up to date, {t['skipped']} skipped; worst denominator error "
             f"{_e(t['err_before'])} → {_e(t['err_after'])}")

@@ -105,36 +105,57 @@ def relative_error(den: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(den, np.float64) - ref) / ref
 
 
+def denominator_error(stored: np.ndarray, s: float, eps: float, var: np.ndarray, formula: Formula) -> np.ndarray:
+    """Per channel: Caffe's float32 denominator from stored blobs vs Darknet's for ``var``."""
+    return relative_error(caffe_denominator(stored, s, eps), formula.denominator(var))
+
+
 def patched_variance(var: np.ndarray, s: float, formula: Formula, eps: float) -> np.ndarray:
-    """The float32 ``b1'`` whose Caffe denominator best matches ``formula.denominator(var)``.
+    """The float32 ``b1'`` whose Caffe denominator matches ``formula.denominator(var)``.
 
     ``var`` is the true (effective) variance, ``s`` the stored scale factor (not 0), ``eps`` the
-    eps to be stored.  The float64 solution ``s * (D**2 - eps32)`` is rounded to float32, then
-    nudged by up to two ulps when that brings Caffe's float32 result closer: rounding of
-    ``1/s``, ``b1*f`` and ``+ eps`` otherwise leaves a last-bit error the report would show.
+    eps to be stored.  ``s * (D**2 - eps32)`` is computed in float64 with eps as the float32
+    Caffe will hold, then rounded once to float32.  No search for a "luckier" neighbouring
+    float32: that would gain a few 1e-8 but make the map many-to-one, and a revert could then no
+    longer recover the original bits.
     """
     target = formula.denominator(var)
-    eps32 = f32(eps)
-    exact = float(s) * (target * target - eps32)
-    best = exact.astype(F32)
-    best_err = relative_error(caffe_denominator(best, s, eps32), target)
-    for steps in (1, 2):
-        for direction in (np.inf, -np.inf):
-            cand = best
-            for _ in range(steps):
-                cand = np.nextafter(cand, F32(direction))
-            with np.errstate(invalid="ignore"):
-                err = relative_error(caffe_denominator(cand, s, eps32), target)
-            better = err < best_err
-            best = np.where(better, cand, best)
-            best_err = np.where(better, err, best_err)
-    return best
+    return (float(s) * (target * target - f32(eps))).astype(F32)
 
 
 def original_variance(stored: np.ndarray, s: float, formula: Formula, eps: float) -> np.ndarray:
     """Undo :func:`patched_variance`: the effective variance whose patch gives ``stored``."""
     den = np.sqrt(np.asarray(stored, np.float64) / float(s) + f32(eps))
     return formula.inverse(den)
+
+
+def unpatched_variance(stored: np.ndarray, s: float, formula: Formula, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Revert :func:`patched_variance`: the float32 blob-1 values a patch turned into ``stored``.
+
+    Returns ``(values, exact)``.  The float64 inverse is rounded to float32, then the nearest of
+    its neighbours (up to two ulps) whose re-patch reproduces ``stored`` bit for bit is taken.
+    ``exact`` is False where none does, or where several do: there the patch mapped more than
+    one original to the same float32 (e.g. dead channels near var = 0), so the original is gone.
+    """
+    stored = np.asarray(stored, F32)
+    s = float(s)
+    guess = (original_variance(stored, s, formula, eps) * s).astype(F32)
+    offsets = (0, 1, -1, 2, -2)
+    candidates = []
+    for k in offsets:
+        c = guess
+        for _ in range(abs(k)):
+            c = np.nextafter(c, F32(np.inf if k > 0 else -np.inf))
+        candidates.append(c)
+    hits = [patched_variance(c.astype(np.float64) / s, s, formula, eps) == stored for c in candidates]
+    chosen = guess.copy()
+    found = np.zeros(stored.shape, bool)
+    for c, hit in zip(candidates, hits):
+        take = hit & ~found
+        chosen[take] = c[take]
+        found |= hit
+    exact = found & (np.sum(hits, axis=0) == 1)
+    return chosen, exact
 
 
 def bad_channel(values: np.ndarray, *, allow_negative: bool) -> int | None:
