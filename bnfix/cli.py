@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="undo an earlier bnfix patch (original variance, eps and use_global_stats)")
     p.add_argument("--force", action="store_true",
                    help="patch layers that look already patched or not converted from Darknet")
+    p.add_argument("--darknet-weights", type=Path, metavar="FILE",
+                   help="the original .weights: report its writer and warn if --source does not fit it")
+    p.add_argument("--darknet-cfg", type=Path, metavar="FILE",
+                   help="with --darknet-weights: compare every BatchNorm layer's statistics with Darknet's")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
@@ -78,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.files) % 2:
         parser.print_usage(sys.stderr)
         print("bnfix: error: files come in pairs: PROTOTXT CAFFEMODEL [PROTOTXT CAFFEMODEL ...]", file=sys.stderr)
+        return EXIT_ERROR
+    if args.darknet_cfg and not args.darknet_weights:
+        parser.print_usage(sys.stderr)
+        print("bnfix: error: --darknet-cfg needs --darknet-weights", file=sys.stderr)
+        return EXIT_ERROR
+    if args.darknet_weights and len(args.files) != 2:
+        parser.print_usage(sys.stderr)
+        print("bnfix: error: --darknet-weights/--darknet-cfg check one pair at a time", file=sys.stderr)
         return EXIT_ERROR
     if args.revert and (args.check or args.force):
         parser.print_usage(sys.stderr)
@@ -140,7 +152,13 @@ def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[
         for out in outs:
             if out.resolve() in written:
                 raise BnfixError(f"{out}: already written by an earlier pair of this run")
+    check = None
+    if args.darknet_weights:
+        from .crosscheck import crosscheck
+
+        check = crosscheck(pp, mp, args.darknet_weights, args.darknet_cfg, options.source)
     result = revert(pp, mp) if args.revert else patch(pp, mp, options)
+    result.darknet = check
     if outs is not None:
         result.save(*outs, backup=args.in_place, progress=_progress(console, result.caffemodel))
         written.update(out.resolve() for out in outs)

@@ -120,6 +120,7 @@ class Result:
     _model_mtime: int
     outputs: tuple[Path, Path] | None = None
     mode: str = "patch"  # or "revert"
+    darknet: object | None = None  # a crosscheck.CrossCheck when the Darknet originals were given
 
     @property
     def needs_work(self) -> bool:

@@ -63,8 +63,23 @@ def pair_dict(result: Result) -> dict:
         "layers": [layer_dict(l) for l in result.layers],
         "totals": totals([result]),
         "warnings": list(result.warnings),
+        "darknet": None if result.darknet is None else darknet_dict(result.darknet),
         "outputs": None if result.outputs is None else {
             "prototxt": str(result.outputs[0]), "caffemodel": str(result.outputs[1])},
+    }
+
+
+def darknet_dict(cc) -> dict:
+    h = cc.header
+    return {
+        "weights": str(cc.weights),
+        "cfg": None if cc.cfg is None else str(cc.cfg),
+        "header": {"major": h.major, "minor": h.minor, "revision": h.revision, "seen": h.seen,
+                   "header_size": h.header_size},
+        "writer": h.writer,
+        "source_warning": cc.source_warning or None,
+        "faults": cc.faults,
+        "layers": [asdict(l) | {"ok": l.ok} for l in cc.layers],
     }
 
 
@@ -144,9 +159,43 @@ def table(result: Result) -> RenderableType:
             "but BN-folding scripts that take sqrt(var) will produce NaN on those channels, and float32 "
             "cancellation limits their precision; --target-eps 0 stores D² exactly where the runtime "
             "accepts eps 0 (BVLC Caffe, OpenCV)."))
+    if result.darknet is not None:
+        parts += darknet_section(result.darknet)
     if result.outputs:
         parts.append(Text(f"wrote {result.outputs[0]}\nwrote {result.outputs[1]}"))
     return Group(*parts)
+
+
+def darknet_section(cc) -> list:
+    """The cross-check against the Darknet originals: writer, source fit, per-layer faults."""
+    from collections import Counter
+
+    from rich.table import Table
+    from rich.text import Text
+
+    h = cc.header
+    lines = [f"Darknet originals: {cc.weights} is version {h.version} ({h.writer}), "
+             f"{h.header_size}-byte header, seen {h.seen}"]
+    if cc.cfg is not None:
+        counts = Counter(l.status for l in cc.layers)
+        matched = sum(l.ok for l in cc.layers)
+        detail = ", ".join(f"{n} {k}" for k, n in counts.items())
+        colour = "green" if not cc.faults else "red"
+        lines.append(f"{cc.cfg}: [{colour}]{matched} of {len(cc.layers)} BatchNorm layers match Darknet's "
+                     f"statistics[/] ({detail})")
+    out: list = [Text.from_markup("\n".join(lines))]
+    if cc.source_warning:
+        out.append(Text.from_markup(f"[yellow]warning:[/] {cc.source_warning}"))
+    faulty = [l for l in cc.layers if not l.ok]
+    if faulty:
+        t = Table(title="converter faults", header_style="bold")
+        for col in ("caffe layer", "darknet layer", "ch", "status", "max |Δmean|", "max Δvar/var", "note"):
+            t.add_column(col)
+        for l in faulty:
+            t.add_row(l.caffe or "-", "-" if l.darknet_index is None else f"{l.darknet_index} (line {l.darknet_line})",
+                      str(l.channels), f"[red]{l.status}[/]", _e(l.max_abs_mean), _e(l.max_rel_var), l.note)
+        out.append(t)
+    return out
 
 
 def summary_line(result: Result) -> str:
