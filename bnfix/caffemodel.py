@@ -27,11 +27,12 @@ chunked loop) and splices in re-encoded BatchNorm layers with fresh length prefi
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,8 @@ class WireError(BnfixError):
 
 def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
     """Decode a varint at ``pos``; return (value, position after it)."""
+    if pos < end and buf[pos] < 0x80:  # one byte: most keys and small lengths
+        return buf[pos], pos + 1
     result = shift = 0
     start = pos
     while True:
@@ -85,9 +88,8 @@ def key(number: int, wire: int) -> bytes:
     return encode_varint(number << 3 | wire)
 
 
-@dataclass(frozen=True)
-class Span:
-    """One field of a message: key at ``start``, value bytes ``[value, end)``."""
+class Span(NamedTuple):
+    """One field of a message: key at ``start``, value bytes ``[value, end)`` (a tuple: cheap)."""
 
     number: int
     wire: int
@@ -278,12 +280,17 @@ class Model:
         other = 0
         for sp in fields(buf, 0, self.size):
             if sp.number == LAYER and sp.wire == LEN:
-                name = type_ = ""
+                name = type_ = None
+                # Only name and type are read; the rest of a layer is not checked until it is
+                # decoded (BatchNorm) or copied verbatim (everything else), so stop there.
                 for f in fields(buf, sp.value, sp.end):
                     if f.wire == LEN and f.number == LAYER_NAME:
                         name = bytes(buf[f.value : f.end]).decode("utf-8", "replace")
                     elif f.wire == LEN and f.number == LAYER_TYPE:
                         type_ = bytes(buf[f.value : f.end]).decode("utf-8", "replace")
+                    if name is not None and type_ is not None:
+                        break
+                name, type_ = name or "", type_ or ""
                 layers.append(Layer(len(layers), sp.start, sp.value, sp.end, name, type_))
             else:
                 other += 1
@@ -352,7 +359,7 @@ def _decode_blob(buf: bytes, start: int, end: int, index: int) -> Blob:
         tuple(legacy.get(i, 0) for i in BLOB_LEGACY_DIMS) if legacy else None
     )
     if dims is not None:
-        expected = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        expected = math.prod(dims)
         if expected != values.count:
             raise WireError(f"blob {index} holds {values.count} values but its shape {list(dims)} needs {expected}")
     return Blob(values.array(buf), values.chunks, dims)
@@ -383,8 +390,11 @@ class _Values:
             raise WireError(f"{what}: wire type {sp.wire} where floats were expected")
 
     def array(self, buf: bytes) -> np.ndarray:
-        parts = [np.frombuffer(buf, self.dtype, c, o) for o, c in self.chunks]
         native = self.dtype.newbyteorder("=")
+        if len(self.chunks) == 1:  # packed, the usual case: one copy out of the buffer
+            offset, count = self.chunks[0]
+            return np.frombuffer(buf, self.dtype, count, offset).astype(native)
+        parts = [np.frombuffer(buf, self.dtype, c, o) for o, c in self.chunks]
         return np.concatenate(parts).astype(native) if parts else np.zeros(0, native)
 
 

@@ -237,8 +237,8 @@ def run(prototxt_path, caffemodel_path, options: Options, per_layer, mode: str =
             splices += sp
             replacements.update(rp)
         size, mtime = model.size, model.mtime_ns
+    _verify_prototxt(doc, splices, groups)
     new_text = doc.render(splices)
-    _verify_prototxt(doc, new_text, splices, groups)
     return Result(pp, mp, options, reports, warnings, new_text, doc.text, replacements, size, mtime, mode=mode)
 
 
@@ -316,14 +316,26 @@ def stats_of(bn: caffemodel.BatchNormLayer) -> _Stats | str:
     return _Stats(b[0].values, b[1].values, float(b[2].values[0]))
 
 
+def _check_scale(stats: _Stats, name: str, path: Path) -> None:
+    """A negative or non-finite scale factor is corruption, whatever else happens to the layer."""
+    if not np.isfinite(stats.s) or stats.s < 0:
+        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {float(stats.s)!r}")
+
+
 def _check(stats: _Stats, name: str, path: Path) -> None:
+    """Statistics about to be refitted must be numbers, and the variance not negative."""
+    _check_scale(stats, name, path)
     for what, values, neg in (("variance", stats.var, False), ("mean", stats.mean, True)):
         ch = sem.bad_channel(values, allow_negative=neg)
         if ch is not None:
             raise BnfixError(f"{path}: layer {name!r} channel {ch}: {what} is {float(values[ch])!r}; "
                              "refusing to patch corrupt statistics")
-    if not np.isfinite(stats.s) or stats.s < 0:
-        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {float(stats.s)!r}")
+
+
+def _max_or_none(err: np.ndarray) -> float | None:
+    """The worst error, or None when a skipped layer's own statistics make it undefined."""
+    worst = float(err.max(initial=0))
+    return worst if np.isfinite(worst) else None
 
 
 def _patch_group(g: _Group, opts: Options, model_path: Path):
@@ -336,6 +348,7 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
     if isinstance(stats, str):
         return LayerReport(g.name, channels, SKIPPED, reason=stats, warning=True,
                            eps_before=eps_before, eps_after=eps_before), [], {}
+    _check_scale(stats, g.name, model_path)
     decision = decide(eps_written, stats.s, g.marker, opts)
     if decision.status == UP_TO_DATE:
         # The original statistics are gone; measured against the variance recovered from the
@@ -343,11 +356,13 @@ def _patch_group(g: _Group, opts: Options, model_path: Path):
         return LayerReport(g.name, channels, UP_TO_DATE, reason=decision.reason, eps_before=eps_before,
                            eps_after=eps_before, err_before=None, err_after=None), [], {}
     if decision.status != PATCHED:
-        ref = _reference_variance(stats, g.marker)
-        err = sem.denominator_error(stats.var, stats.s, eps_before, ref, opts.source)
+        with np.errstate(all="ignore"):  # a skipped layer may hold anything; it is not refused
+            ref = _reference_variance(stats, g.marker)
+            err = sem.denominator_error(stats.var, stats.s, eps_before, ref, opts.source)
+        worst = _max_or_none(err)
         return LayerReport(g.name, channels, decision.status, reason=decision.reason, warning=decision.warning,
-                           eps_before=eps_before, eps_after=eps_before, err_before=float(err.max(initial=0)),
-                           err_after=float(err.max(initial=0)), worst_channel=_argmax(err)), [], {}
+                           eps_before=eps_before, eps_after=eps_before, err_before=worst, err_after=worst,
+                           worst_channel=_argmax(np.nan_to_num(err, nan=np.inf))), [], {}
 
     changes: list[str] = []
     replacements: dict[int, tuple[int, int, bytes]] = {}
@@ -465,14 +480,27 @@ def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], m
     return splices
 
 
-def _verify_prototxt(doc, new_text: str, splices, groups) -> None:
-    """Every edit lies on the lines of a BatchNorm layer, and the result still parses the same way."""
-    spans = [(doc.line_start(l.field.start), doc.line_end(l.field.end)) for g in groups for l in g.proto]
-    for sp in splices:
-        if not any(a <= sp.start and sp.end <= b for a, b in spans):
-            raise AssertionError(f"internal error: edit outside a BatchNorm layer at {doc.where(sp.start)}")
-    if splices:
-        again = prototxt.parse(new_text, doc.path)
-        names = [(l.name, l.type) for l in again.layers()]
-        if names != [(l.name, l.type) for l in doc.layers()]:
-            raise AssertionError("internal error: the edited prototxt no longer has the same layers")
+def _verify_prototxt(doc: prototxt.Document, splices: list[prototxt.Splice], groups) -> None:
+    """Every edit lies on the lines of a BatchNorm layer, and each edited stretch of lines still
+    parses to the same layers.  Text outside those lines is copied untouched, so this proves the
+    whole file without re-parsing all of it."""
+    regions: list[list] = []  # [first offset, last offset, layers]; layers sharing a line merge
+    for layer in sorted((l for g in groups for l in g.proto), key=lambda l: l.field.start):
+        a, b = doc.line_start(layer.field.start), doc.line_end(layer.field.end)
+        if regions and a <= regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], b)
+            regions[-1][2].append(layer)
+        else:
+            regions.append([a, b, [layer]])
+    todo = sorted(splices, key=lambda sp: sp.start)
+    for a, b, layers in regions:
+        inside = [sp for sp in todo if a <= sp.start and sp.end <= b]
+        if not inside:
+            continue
+        todo = [sp for sp in todo if not (a <= sp.start and sp.end <= b)]
+        after = prototxt.parse(doc.render(inside, a, b), doc.path).layers()
+        others = [l for l in doc.layers() if a <= l.field.start <= b] if len(after) != len(layers) else layers
+        if [(l.name, l.type) for l in others] != [(l.name, l.type) for l in after]:
+            raise AssertionError(f"internal error: the edit at {doc.where(a)} changed the layers")
+    if todo:
+        raise AssertionError(f"internal error: edit outside a BatchNorm layer at {doc.where(todo[0].start)}")
