@@ -16,11 +16,14 @@ from typing import Callable
 from .errors import BnfixError
 
 
-def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool = False) -> None:
+def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool = False,
+              sync: bool = True) -> None:
     """Write each ``(path, fill)`` where ``fill(fd)`` writes the content; rename all at the end.
 
     With ``backup``, an existing target is first copied to ``<target>.orig`` unless that file
-    already exists (the oldest original is the one worth keeping).
+    already exists (the oldest original is the one worth keeping).  ``sync=False`` skips the
+    fsyncs: still all-or-nothing for the running system, but after a power cut a renamed file
+    may be empty.  It saves the time of flushing the file to disk (0.4 s for 248 MB here).
     """
     temps: list[tuple[str, Path]] = []
     try:
@@ -30,7 +33,8 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
             temps.append((tmp, path))
             try:
                 fill(fd)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if path.exists():
@@ -41,10 +45,10 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
             for _, path in temps:
                 orig = path.with_name(path.name + ".orig")
                 if path.exists() and not orig.exists():
-                    _copy_atomic(path, orig)
+                    _copy_atomic(path, orig, sync)
         for tmp, path in temps:
             os.replace(tmp, path)
-        for parent in {path.parent for _, path in temps}:
+        for parent in {path.parent for _, path in temps} if sync else ():
             _fsync_dir(parent)
     except OSError as exc:
         target = exc.filename or (temps[-1][1] if temps else "")
@@ -55,13 +59,14 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
                 os.unlink(tmp)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
+def _copy_atomic(src: Path, dst: Path, sync: bool) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".bnfix-tmp", dir=dst.parent)
     try:
         with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(f, out, 1 << 22)
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
         shutil.copystat(src, tmp)
         os.replace(tmp, dst)
     finally:

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the original .weights: report its writer and warn if --source does not fit it")
     p.add_argument("--darknet-cfg", type=Path, metavar="FILE",
                    help="with --darknet-weights: compare every BatchNorm layer's statistics with Darknet's")
+    p.add_argument("--no-sync", action="store_true",
+                   help="do not fsync outputs before renaming them (faster; a power cut may leave them empty)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
@@ -160,7 +162,8 @@ def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[
     result = revert(pp, mp) if args.revert else patch(pp, mp, options)
     result.darknet = check
     if outs is not None:
-        result.save(*outs, backup=args.in_place, progress=_progress(console, result.caffemodel))
+        result.save(*outs, backup=args.in_place, sync=not args.no_sync,
+                    progress=_progress(console, result.caffemodel))
         written.update(out.resolve() for out in outs)
     return result
 

@@ -132,10 +132,11 @@ class Result:
         return bool(self._replacements) or self.new_prototxt != self.original_prototxt
 
     def save(self, prototxt_out: str | Path, caffemodel_out: str | Path, *, backup: bool = False,
-             progress=None) -> None:
+             sync: bool = True, progress=None) -> None:
         """Write both outputs atomically (temp file, fsync, rename); all or nothing.
 
-        ``backup`` keeps ``<output>.orig`` copies of files about to be replaced (for in-place).
+        ``backup`` keeps ``<output>.orig`` copies of files about to be replaced (for in-place);
+        ``sync=False`` skips the fsyncs (see :func:`bnfix.atomic.write_all`).
         """
         outs = (Path(prototxt_out), Path(caffemodel_out))
         for out, src in zip(outs, (self.prototxt, self.caffemodel)):
@@ -149,7 +150,7 @@ class Result:
         if Path(self.caffemodel).stat().st_mtime_ns != self._model_mtime:
             raise BnfixError(f"{self.caffemodel}: the file changed while bnfix was running")
         atomic.write_all([(outs[0], lambda fd: caffemodel._write_all(fd, text)), (outs[1], write_model)],
-                         backup=backup)
+                         backup=backup, sync=sync)
         self.outputs = outs
 
 
