@@ -26,9 +26,11 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
     may be empty.  It saves the time of flushing the file to disk (0.4 s for 248 MB here).
     """
     temps: list[tuple[str, Path]] = []
+    made: list[Path] = []  # directories created here, removed again if the write fails
+    done = False
     try:
         for path, fill in outputs:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            made += _make_dirs(path.parent)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bnfix-tmp", dir=path.parent)
             temps.append((tmp, path))
             try:
@@ -50,6 +52,7 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
             os.replace(tmp, path)
         for parent in {path.parent for _, path in temps} if sync else ():
             _fsync_dir(parent)
+        done = True
     except OSError as exc:
         target = exc.filename or (temps[-1][1] if temps else "")
         raise BnfixError(f"{target}: cannot write: {exc.strerror or exc}") from None
@@ -57,6 +60,24 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
         for tmp, _ in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        for d in reversed(made if not done else []):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p``, returning the directories it created (outermost first)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return list(reversed(missing))
 
 
 def _copy_atomic(src: Path, dst: Path, sync: bool) -> None:

@@ -27,20 +27,24 @@ chunked loop) and splices in re-encoded BatchNorm layers with fresh length prefi
 
 from __future__ import annotations
 
+import functools
+from array import array
 import math
 import mmap
 import os
+import struct
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
-
-import numpy as np
 
 from .errors import BnfixError
 
 LAYER = 100  # NetParameter.layer
 V1_LAYERS = 2  # NetParameter.layers
 LAYER_NAME, LAYER_TYPE, LAYER_BLOBS, LAYER_BN_PARAM = 1, 2, 7, 139
+BN_USE_GLOBAL_STATS, BN_EPS = 1, 3  # BatchNormParameter
 BLOB_LEGACY_DIMS = (1, 2, 3, 4)
 BLOB_DATA, BLOB_SHAPE, BLOB_DOUBLE_DATA = 5, 7, 8
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
@@ -180,21 +184,48 @@ class Layer:
 
 @dataclass
 class Blob:
-    """A BlobProto's values and where they live inside the layer payload."""
+    """A BlobProto's values: where they live inside the layer payload, decoded on request.
 
-    values: np.ndarray  # float32 for ``data``, float64 for ``double_data``; a copy
+    Only offsets are kept at first, so a run can plan its output layout and start copying
+    before any value is read; ``values`` decodes them when the maths needs them.
+    """
+
+    source: bytes  # the layer payload the chunks point into
+    dtype: str  # "<f4" for ``data``, "<f8" for ``double_data``
     chunks: list[tuple[int, int]]  # (offset in the layer payload, element count), in order
     shape: tuple[int, ...] | None
 
     @property
     def count(self) -> int:
-        return int(self.values.size)
+        return sum(c for _, c in self.chunks)
 
-    def write(self, payload: bytearray, values: np.ndarray) -> None:
+    @property
+    def itemsize(self) -> int:
+        return 8 if self.dtype == "<f8" else 4
+
+    def first(self) -> float:
+        """The first value (the scale factor is all a plan needs)."""
+        offset = self.chunks[0][0]
+        return struct.unpack_from(self.dtype.replace("f4", "f").replace("f8", "d"), self.source, offset)[0]
+
+    @functools.cached_property
+    def values(self) -> array:
+        """The values as an ``array('f')`` or ``array('d')`` (a copy, made once)."""
+        out = array("d" if self.dtype == "<f8" else "f")
+        for offset, count in self.chunks:
+            out.frombytes(self.source[offset : offset + count * self.itemsize])
+        if sys.byteorder == "big":  # protobuf is little-endian on the wire
+            out.byteswap()
+        return out
+
+    def write(self, payload: bytearray, values) -> None:
         """Overwrite this blob's values in place: the same count keeps every length prefix."""
-        raw = np.ascontiguousarray(values, dtype=self.values.dtype.newbyteorder("<")).tobytes()
-        size = self.values.dtype.itemsize
-        pos = 0
+        data = array("d" if self.dtype == "<f8" else "f", values)
+        if len(data) != self.count:
+            raise AssertionError(f"internal error: {len(data)} values for a blob of {self.count}")
+        if sys.byteorder == "big":
+            data.byteswap()
+        raw, size, pos = data.tobytes(), self.itemsize, 0
         for offset, count in self.chunks:
             payload[offset : offset + count * size] = raw[pos : pos + count * size]
             pos += count * size
@@ -209,34 +240,88 @@ class BatchNormLayer:
     blobs: list[Blob]
     param_spans: list[Span] = field(default_factory=list)  # offsets relative to payload
 
-    def param(self):
-        """The stored ``batch_norm_param`` merged as protobuf would, or None if absent."""
+    @property
+    def param_bytes(self) -> bytes | None:
+        """The stored ``batch_norm_param`` payload (occurrences concatenated: protobuf merges
+        them that way), or None if the layer stores none."""
         if not self.param_spans:
             return None
+        return b"".join(self.payload[sp.value : sp.end] for sp in self.param_spans)
+
+    def stored_param(self) -> ParamFields | None:
+        """eps and use_global_stats as stored, read at the wire level (last value wins)."""
+        data = self.param_bytes
+        if data is None:
+            return None
+        eps = ugs = None
+        try:
+            for sp in fields(data, 0, len(data)):
+                if sp.number == BN_EPS and sp.wire == I32:
+                    eps = struct.unpack_from("<f", data, sp.value)[0]
+                elif sp.number == BN_USE_GLOBAL_STATS and sp.wire == VARINT:
+                    ugs = bool(read_varint(data, sp.value, sp.end)[0])
+        except WireError as exc:
+            raise WireError(f"layer {self.layer.name!r}: bad batch_norm_param: {exc}") from None
+        return ParamFields(eps, ugs)
+
+    def param(self):
+        """The stored ``batch_norm_param`` decoded by the protobuf runtime, or None if absent.
+
+        bnfix edits the param at the wire level and uses this independent decoder to check
+        what it wrote.
+        """
+        data = self.param_bytes
+        if data is None:
+            return None
         msg = bn_param_class()()
-        for sp in self.param_spans:
-            try:
-                msg.MergeFromString(self.payload[sp.value : sp.end])
-            except Exception as exc:  # protobuf's DecodeError type differs across backends
-                raise WireError(f"layer {self.layer.name!r}: bad batch_norm_param: {exc}") from None
+        try:
+            msg.MergeFromString(data)
+        except Exception as exc:  # protobuf's DecodeError type differs across backends
+            raise WireError(f"layer {self.layer.name!r}: bad batch_norm_param: {exc}") from None
         return msg
 
-    def rebuilt(self, blob_values: dict[int, np.ndarray], param, *, drop_param: bool = False) -> bytes:
+    def edited_param(self, *, eps: float | None | type(...) = ..., use_global_stats: bool | None | type(...) = ...
+                     ) -> bytes:
+        """The param payload with eps / use_global_stats set (a value), removed (None) or kept
+        (``...``): the other fields keep their bytes and order, changed fields go at the end."""
+        data = self.param_bytes or b""
+        drop = set()
+        if eps is not ...:
+            drop.add(BN_EPS)
+        if use_global_stats is not ...:
+            drop.add(BN_USE_GLOBAL_STATS)
+        out = bytearray()
+        for sp in fields(data, 0, len(data)):
+            if sp.number not in drop:
+                out += data[sp.start : sp.end]
+        if use_global_stats not in (..., None):
+            out += key(BN_USE_GLOBAL_STATS, VARINT) + encode_varint(int(use_global_stats))
+        if eps not in (..., None):
+            out += key(BN_EPS, I32) + struct.pack("<f", eps)
+        return bytes(out)
+
+    def rebuilt(self, blob_values: dict, param: bytes | None, *, drop_param: bool = False) -> bytes:
         """The whole layer entry (key, length, payload) with new blob values and param.
 
-        ``param`` replaces the stored ``batch_norm_param`` (the first occurrence's place, or the
-        end); ``drop_param`` removes it; otherwise it is left as it is.
+        ``param`` (a payload) replaces the stored ``batch_norm_param`` (at the first
+        occurrence's place, or the end); ``drop_param`` removes it; otherwise it is kept.
         """
         payload = bytearray(self.payload)
         for i, values in blob_values.items():
             self.blobs[i].write(payload, values)
         if param is not None or drop_param:
-            encoded = b"" if drop_param else (
-                key(LAYER_BN_PARAM, LEN) + encode_varint(param.ByteSize()) + param.SerializeToString())
+            encoded = b"" if drop_param else key(LAYER_BN_PARAM, LEN) + encode_varint(len(param)) + param
             cuts = self.param_spans or [Span(LAYER_BN_PARAM, LEN, len(payload), len(payload), len(payload))]
             for i, sp in reversed(list(enumerate(cuts))):
                 payload[sp.start : sp.end] = encoded if i == 0 else b""
         return key(LAYER, LEN) + encode_varint(len(payload)) + bytes(payload)
+
+
+class ParamFields(NamedTuple):
+    """The two ``batch_norm_param`` fields bnfix acts on, as stored (None: not stored)."""
+
+    eps: float | None
+    use_global_stats: bool | None
 
 
 def payload_of(entry: bytes) -> bytes:
@@ -362,14 +447,15 @@ def _decode_blob(buf: bytes, start: int, end: int, index: int) -> Blob:
         expected = math.prod(dims)
         if expected != values.count:
             raise WireError(f"blob {index} holds {values.count} values but its shape {list(dims)} needs {expected}")
-    return Blob(values.array(buf), values.chunks, dims)
+    return Blob(buf, values.dtype, values.chunks, dims)
 
 
 class _Values:
     """Collects the packed and unpacked pieces of one repeated float/double field."""
 
     def __init__(self, dtype: str):
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype
+        self.size = 8 if dtype == "<f8" else 4
         self.chunks: list[tuple[int, int]] = []
 
     @property
@@ -377,7 +463,7 @@ class _Values:
         return sum(c for _, c in self.chunks)
 
     def add(self, buf: bytes, sp: Span, unpacked_wire: int, what: str) -> None:
-        size = self.dtype.itemsize
+        size = self.size
         if sp.wire == LEN:
             length = sp.end - sp.value
             if length % size:
@@ -389,16 +475,10 @@ class _Values:
         else:
             raise WireError(f"{what}: wire type {sp.wire} where floats were expected")
 
-    def array(self, buf: bytes) -> np.ndarray:
-        native = self.dtype.newbyteorder("=")
-        if len(self.chunks) == 1:  # packed, the usual case: one copy out of the buffer
-            offset, count = self.chunks[0]
-            return np.frombuffer(buf, self.dtype, count, offset).astype(native)
-        parts = [np.frombuffer(buf, self.dtype, c, o) for o, c in self.chunks]
-        return np.concatenate(parts).astype(native) if parts else np.zeros(0, native)
-
 
 # -- writing ---------------------------------------------------------------------------------
+
+CHUNK = 64 << 20  # copy granularity: progress updates and cancellation between chunks
 
 
 def copy_range(src: int, dst: int, offset: int, count: int) -> None:
@@ -417,39 +497,132 @@ def copy_range(src: int, dst: int, offset: int, count: int) -> None:
             chunk = os.pread(src, min(count, 1 << 22), offset)
             if not chunk:
                 raise BnfixError(f"input ended {count} bytes early while copying")
-            os.write(dst, chunk)
+            _write_all(dst, chunk)
             done = len(chunk)
         offset += done
         count -= done
 
 
-def write(src: Path, size: int, replacements: dict[int, tuple[int, int, bytes]], dst_fd: int,
-          progress=None) -> None:
-    """Write ``src`` to ``dst_fd`` with byte ranges ``(start, end)`` replaced by new bytes.
+def copy_range_at(src: int, dst: int, offset: int, dst_offset: int, count: int) -> None:
+    """Like :func:`copy_range` but to an explicit output offset, so several writers can fill
+    one file at once: copy_file_range, else pread/pwrite chunks."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src, dst, count, offset, dst_offset)
+        except OSError:  # e.g. EXDEV across file systems on old kernels
+            done = 0
+        if done <= 0:
+            chunk = os.pread(src, min(count, 1 << 22), offset)
+            if not chunk:
+                raise BnfixError(f"input ended {count} bytes early while copying")
+            done = os.pwrite(dst, chunk, dst_offset)
+        offset += done
+        dst_offset += done
+        count -= done
 
-    ``replacements`` maps an ordering key to ``(start, end, data)``; ranges must not overlap.
-    ``progress(n)`` is called with the number of input bytes consumed so far.
+
+class _Copier(threading.Thread):
+    """Copies the untouched ranges in the background; the kernel does the work (copy_file_range
+    releases the GIL), so the caller's numpy import and arithmetic run at the same time."""
+
+    def __init__(self, src: int, dst: int, copies: list[tuple[int, int, int]], progress):
+        super().__init__(name="bnfix-copy", daemon=True)
+        self.src, self.dst, self.copies, self.progress = src, dst, copies, progress
+        self.cancelled = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            done = 0
+            for offset, dst_offset, count in self.copies:
+                while count > 0 and not self.cancelled.is_set():
+                    n = min(CHUNK, count)
+                    copy_range_at(self.src, self.dst, offset, dst_offset, n)
+                    offset, dst_offset, count, done = offset + n, dst_offset + n, count - n, done + n
+                    if self.progress:
+                        self.progress(done)
+        except BaseException as exc:  # re-raised in the caller's thread
+            self.error = exc
+
+
+def write(src: Path, size: int, layout: list[tuple[int, int, int]], entries, dst_fd: int,
+          progress=None) -> None:
+    """Write ``src`` to ``dst_fd`` with some byte ranges replaced.
+
+    ``layout`` lists the replaced ranges as sorted, non-overlapping ``(start, end, new_length)``;
+    ``entries()`` returns ``{start: new bytes}`` of exactly those lengths.  The output offsets
+    follow from the lengths alone, so the untouched ranges are copied in a background thread
+    while ``entries()`` runs: the numpy work (and numpy's import) hides behind the copy.
+    ``progress(n)`` is called with the number of bytes copied so far.
     """
+    copies, slots = [], []
+    pos = out = 0
+    for start, end, length in layout:
+        if start > pos:
+            copies.append((pos, out, start - pos))
+            out += start - pos
+        slots.append((start, out, length))
+        out, pos = out + length, end
+    if pos < size:
+        copies.append((pos, out, size - pos))
     with open(src, "rb") as f:
         if os.fstat(f.fileno()).st_size != size:
             raise BnfixError(f"{src}: the file changed while bnfix was running")
-        pos = 0
-        for start, end, data in sorted(replacements.values()):
-            _copy_progress(f.fileno(), dst_fd, pos, start - pos, progress)
-            _write_all(dst_fd, data)
-            pos = end
-        _copy_progress(f.fileno(), dst_fd, pos, size - pos, progress)
+        if not (hasattr(os, "copy_file_range") and hasattr(os, "pwrite")):
+            _write_sequential(f.fileno(), dst_fd, copies, slots, entries(), progress)
+            return
+        copier = _Copier(f.fileno(), dst_fd, copies, progress)
+        # The copier needs the GIL for a moment after each of its syscalls; with the default
+        # 5 ms switch interval it would wait that long behind the caller's Python work (numpy's
+        # import) for each of ~75 ranges.  A short interval for the overlap keeps it fed.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 1e-4))
+        copier.start()
+        try:
+            data = entries()
+            for start, out_offset, length in slots:
+                _check_length(data[start], length)
+                _pwrite_all(dst_fd, data[start], out_offset)
+        except BaseException:
+            copier.cancelled.set()
+            raise
+        finally:
+            copier.join()
+            sys.setswitchinterval(interval)
+        if copier.error is not None:
+            raise copier.error
 
 
-def _copy_progress(src: int, dst: int, offset: int, count: int, progress) -> None:
-    step = 64 << 20 if progress else count
-    while count > 0:
-        n = min(step, count)
-        copy_range(src, dst, offset, n)
-        offset += n
-        count -= n
-        if progress:
-            progress(offset)
+def _write_sequential(src: int, dst: int, copies, slots, data: dict[int, bytes], progress) -> None:
+    """The portable path: one writer, in file order (sendfile or chunks for the copies)."""
+    pieces = sorted([(out, "copy", c) for c in copies for out in (c[1],)] +
+                    [(out, "data", (start, length)) for start, out, length in slots])
+    done = 0
+    for _, kind, item in pieces:
+        if kind == "data":
+            start, length = item
+            _check_length(data[start], length)
+            _write_all(dst, data[start])
+            continue
+        offset, _, count = item
+        while count > 0:
+            n = min(CHUNK, count)
+            copy_range(src, dst, offset, n)
+            offset, count, done = offset + n, count - n, done + n
+            if progress:
+                progress(done)
+
+
+def _check_length(data: bytes, length: int) -> None:
+    if len(data) != length:
+        raise AssertionError(f"internal error: planned {length} bytes for a layer, got {len(data)}")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__, atomic
-from . import semantics as sem
+from . import formulas
 from .errors import BnfixError
 from .patch import Options, Result, patch
 from .revert import revert
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--check", action="store_true",
                        help="write nothing; exit 1 if any BatchNorm layer needs patching, else 0")
     where.add_argument("--dry-run", action="store_true", help="print the full summary, write nothing")
-    p.add_argument("--source", default=sem.DEFAULT_SOURCE, metavar="NAME",
+    p.add_argument("--source", default=formulas.DEFAULT_SOURCE, metavar="NAME",
                    help="Darknet formula to reproduce: pjreddie-cpu (default), pjreddie-gpu, alexeyab, "
                         "opencv, or 'sqrt(var+A)+B'")
     p.add_argument("--target-eps", type=float, default=1e-6, metavar="EPS",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bnfix: error: --revert cannot be combined with --check or --force", file=sys.stderr)
         return EXIT_ERROR
     try:
-        options = Options(sem.parse_source(args.source), args.target_eps, args.force)
+        options = Options(formulas.parse_source(args.source), args.target_eps, args.force)
     except (ValueError, BnfixError) as exc:
         print(f"bnfix: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -161,6 +161,8 @@ def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[
         check = crosscheck(pp, mp, args.darknet_weights, args.darknet_cfg, options.source)
     result = revert(pp, mp) if args.revert else patch(pp, mp, options)
     result.darknet = check
+    if outs is None:
+        result.layers  # compute now: bad statistics are errors in --check and --dry-run too
     if outs is not None:
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
                     progress=_progress(console, result.caffemodel))

@@ -20,7 +20,8 @@ import numpy as np
 from . import caffemodel, darknet, prototxt
 from . import semantics as sem
 from .errors import BnfixError
-from .patch import pair_layers, stats_of
+from .formulas import DEFAULT_SOURCE, PRESETS, Formula
+from .patch import layout_problem, pair_layers, stats_of
 
 EXACT, ROUNDING, RECOVERED, MISMATCH, OUT_OF_ORDER, CHANNELS, MISSING = (
     "exact", "match (float32 rounding of blob/s)", "match (recovered from the bnfix patch)",
@@ -63,7 +64,7 @@ class CrossCheck:
         return sum(not l.ok for l in self.layers)
 
 
-def source_warning(header: darknet.WeightsHeader, source: sem.Formula) -> str:
+def source_warning(header: darknet.WeightsHeader, source: Formula) -> str:
     """A warning when the chosen formula is not one the weights' writer has used, else ""."""
     fits = _FITS.get(header.writer)
     if fits is None or (source.inside, source.outside) in fits:
@@ -78,7 +79,7 @@ def source_warning(header: darknet.WeightsHeader, source: sem.Formula) -> str:
 
 
 def crosscheck(prototxt_path, caffemodel_path, weights_path, cfg_path=None,
-               source: sem.Formula = sem.PRESETS[sem.DEFAULT_SOURCE]) -> CrossCheck:
+               source: Formula = PRESETS[DEFAULT_SOURCE]) -> CrossCheck:
     """Read the Darknet originals and compare (no file is written)."""
     weights = Path(weights_path)
     if cfg_path is None:
@@ -95,10 +96,11 @@ def crosscheck(prototxt_path, caffemodel_path, weights_path, cfg_path=None,
 def _compare(groups, dn_layers: list[darknet.DarknetBN]) -> list[LayerCheck]:
     out = []
     for i, g in enumerate(groups):
+        problem = layout_problem(g.model[0])
+        if problem:
+            raise BnfixError(f"layer {g.name!r}: {problem}")
         st = stats_of(g.model[0])
-        if isinstance(st, str):
-            raise BnfixError(f"layer {g.name!r}: {st}")
-        channels = st.var.size
+        channels = len(st.var)
         if i >= len(dn_layers):
             out.append(LayerCheck(g.name, None, 0, channels, MISSING,
                                   note=f"the cfg has only {len(dn_layers)} batch-normalised layers"))

@@ -1,8 +1,11 @@
 """Plan and apply the fix: pair BatchNorm layers by name, decide per layer, edit both files.
 
-Flow: ``read`` both inputs → ``plan`` one :class:`Decision` per layer name (pure) → ``apply``
-(prototxt splices + re-encoded caffemodel layers, in memory) → ``verify`` (re-decode the new
-bytes and recompute Caffe's float32 denominator) → a :class:`Result` the CLI renders and saves.
+Flow: ``read`` both inputs → ``plan`` per layer name (the decision, the prototxt splices and
+the size of every rewritten caffemodel layer; pure Python) → ``apply`` (the arithmetic: refit
+the variance, encode the layer) → ``verify`` (re-decode the new bytes and recompute Caffe's
+float32 denominator) → a :class:`Result` the CLI renders and saves.  Planning fixes the output
+layout before any number is computed, so ``Result.save`` copies the untouched bytes while the
+numbers are being computed (see ``caffemodel.write``).
 
 How bnfix knows a layer is already patched: it appends a marker comment to the line that opens
 the layer in the prototxt, ``layer {  # bnfix: fitted to sqrt(var) + 1e-06, eps 1e-06 [undo
@@ -15,17 +18,19 @@ So a layer whose eps already equals the target but has no marker is skipped with
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
 
 from . import atomic, caffemodel, prototxt
 from . import semantics as sem
 from .errors import BnfixError
+from .formulas import DEFAULT_SOURCE, PRESETS, Formula, f32, parse_source, same_eps
 
 CAFFE_DEFAULT_EPS = 1e-5
+PATCHED, SKIPPED, UP_TO_DATE, REVERTED = "patched", "skipped", "up to date", "reverted"
 
 # -- the marker ------------------------------------------------------------------------------
 
@@ -36,7 +41,7 @@ _MARKER = re.compile(r"  # bnfix: fitted to (?P<expr>[^,\]]+), eps (?P<eps>\S+) 
 class Marker:
     """What a bnfix patch wrote into a layer and what it replaced (for revert / re-patch)."""
 
-    formula: sem.Formula
+    formula: Formula
     eps: float
     undo: tuple[tuple[str, str], ...]  # e.g. (("eps", "none"), ("ugs", "false"), ("s", "0"))
 
@@ -57,7 +62,7 @@ def find_marker(layer: prototxt.Layer) -> tuple[Marker, int, int] | None:
         m = _MARKER.search(doc.text, tok.start - 2 if text else tok.start, tok.end)
         if m:
             try:
-                formula = sem.parse_source(m["expr"])
+                formula = parse_source(m["expr"])
                 eps = float(m["eps"])
             except ValueError:
                 raise doc.error(tok.start, f"layer {layer.name!r}: unreadable bnfix marker") from None
@@ -73,16 +78,13 @@ def find_marker(layer: prototxt.Layer) -> tuple[Marker, int, int] | None:
 class Options:
     """What the patched model must reproduce, and how hard to push."""
 
-    source: sem.Formula = sem.PRESETS[sem.DEFAULT_SOURCE]
+    source: Formula = PRESETS[DEFAULT_SOURCE]
     target_eps: float = 1e-6
     force: bool = False
 
     def __post_init__(self):
-        if not (self.target_eps >= 0 and np.isfinite(self.target_eps)):
+        if not (self.target_eps >= 0 and math.isfinite(self.target_eps)):
             raise BnfixError(f"target eps must be a finite number >= 0, not {self.target_eps!r}")
-
-
-PATCHED, SKIPPED, UP_TO_DATE = "patched", "skipped", "up to date"
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class LayerReport:
 
     name: str
     channels: int
-    status: str  # PATCHED, SKIPPED (reason says why) or UP_TO_DATE (patched by bnfix before)
+    status: str  # PATCHED, SKIPPED (reason says why), UP_TO_DATE (patched before) or REVERTED
     changes: tuple[str, ...] = ()
     reason: str = ""
     warning: bool = False
@@ -104,39 +106,76 @@ class LayerReport:
     worst_channel: int = 0
 
 
-@dataclass
-class Result:
-    """The outcome of :func:`patch`: per-layer reports and the new file contents, not yet saved."""
+Entries = dict[int, bytes]  # caffemodel offset of a layer entry -> its new bytes
 
-    prototxt: Path
-    caffemodel: Path
-    options: Options
-    layers: list[LayerReport]
-    warnings: list[str]
-    new_prototxt: str
-    original_prototxt: str
-    _replacements: dict[int, tuple[int, int, bytes]]
-    _model_size: int
-    _model_mtime: int
-    outputs: tuple[Path, Path] | None = None
-    mode: str = "patch"  # or "revert"
-    darknet: object | None = None  # a crosscheck.CrossCheck when the Darknet originals were given
+
+@dataclass
+class LayerPlan:
+    """What one BatchNorm name becomes: prototxt edits and caffemodel layout now, numbers later.
+
+    ``layout`` holds ``(start, end, new length)`` for every caffemodel entry to rewrite;
+    ``finish()`` does the arithmetic and returns the report and ``{start: new entry bytes}``.
+    """
+
+    status: str
+    splices: list[prototxt.Splice]
+    layout: list[tuple[int, int, int]]
+    finish: Callable[[], tuple[LayerReport, Entries]]
+
+
+class Result:
+    """The outcome of :func:`patch`: the plan, per-layer reports and new file contents.
+
+    Nothing is written until :meth:`save`.  The numbers (``layers``) are computed on first use,
+    or by ``save`` while it copies the untouched bytes.
+    """
+
+    def __init__(self, prototxt_path: Path, caffemodel_path: Path, options: Options, plans: list[LayerPlan],
+                 warnings: list[str], new_prototxt: str, original_prototxt: str, model_size: int,
+                 model_mtime: int, mode: str = "patch"):
+        self.prototxt, self.caffemodel, self.options = prototxt_path, caffemodel_path, options
+        self.warnings, self.mode = warnings, mode
+        self.new_prototxt, self.original_prototxt = new_prototxt, original_prototxt
+        self.outputs: tuple[Path, Path] | None = None
+        self.darknet = None  # a crosscheck.CrossCheck when the Darknet originals were given
+        self._plans = plans
+        self._layout = sorted(item for p in plans for item in p.layout)
+        self._model_size, self._model_mtime = model_size, model_mtime
+        self._reports: list[LayerReport] | None = None
+        self._entries: Entries = {}
+
+    @property
+    def layers(self) -> list[LayerReport]:
+        """One report per BatchNorm name (computing the numbers if not done yet)."""
+        if self._reports is None:
+            reports = []
+            for plan in self._plans:
+                report, entries = plan.finish()
+                reports.append(report)
+                self._entries.update(entries)
+            self._reports = reports
+        return self._reports
+
+    def _computed_entries(self) -> Entries:
+        self.layers
+        return self._entries
 
     @property
     def needs_work(self) -> bool:
-        """Whether a write would change a layer (what ``--check`` reports)."""
-        return any(r.status in (PATCHED, "reverted") for r in self.layers)
+        """Whether a write would change a layer (what ``--check`` reports); known from the plan."""
+        return any(p.status in (PATCHED, REVERTED) for p in self._plans)
 
     @property
     def changed(self) -> bool:
-        return bool(self._replacements) or self.new_prototxt != self.original_prototxt
+        return bool(self._layout) or self.new_prototxt != self.original_prototxt
 
     def save(self, prototxt_out: str | Path, caffemodel_out: str | Path, *, backup: bool = False,
              sync: bool = True, progress=None) -> None:
         """Write both outputs atomically (temp file, fsync, rename); all or nothing.
 
         ``backup`` keeps ``<output>.orig`` copies of files about to be replaced (for in-place);
-        ``sync=False`` skips the fsyncs (see :func:`bnfix.atomic.write_all`).
+        ``sync=False`` skips the fsyncs (see :func:`bnfix.atomic.write_all`).  A statistics
+        error found while computing aborts the write and leaves no file behind.
         """
         outs = (Path(prototxt_out), Path(caffemodel_out))
         for out, src in zip(outs, (self.prototxt, self.caffemodel)):
@@ -145,7 +184,7 @@ class Result:
         text = self.new_prototxt.encode("utf-8")
 
         def write_model(fd: int) -> None:
-            caffemodel.write(self.caffemodel, self._model_size, self._replacements, fd, progress)
+            caffemodel.write(self.caffemodel, self._model_size, self._layout, self._computed_entries, fd, progress)
 
         if Path(self.caffemodel).stat().st_mtime_ns != self._model_mtime:
             raise BnfixError(f"{self.caffemodel}: the file changed while bnfix was running")
@@ -177,8 +216,7 @@ class Decision:
 def decide(eps_written: float | None, s: float, marker: Marker | None, opts: Options) -> Decision:
     """Whether to patch one layer, from what the files say (pure; the heart of "never double-correct")."""
     if marker is not None:
-        same = (marker.formula.inside, marker.formula.outside) == (opts.source.inside, opts.source.outside)
-        if same and sem.same_eps(marker.eps, opts.target_eps):
+        if marker.formula.same_as(opts.source) and same_eps(marker.eps, opts.target_eps):
             return Decision(UP_TO_DATE, "already patched by bnfix")
         if not opts.force:
             return Decision(SKIPPED, f"patched by bnfix for {marker.formula.expression}, eps {marker.eps!r}; "
@@ -189,7 +227,7 @@ def decide(eps_written: float | None, s: float, marker: Marker | None, opts: Opt
                         "from Darknet (--force to patch anyway)", warning=True)
     # Only an eps written in the file is ambiguous: Caffe's default (no eps field) says the
     # converter left eps alone, so the variance is certainly raw.
-    if eps_written is not None and sem.same_eps(eps_written, opts.target_eps) and not opts.force:
+    if eps_written is not None and same_eps(eps_written, opts.target_eps) and not opts.force:
         return Decision(SKIPPED, f"eps is already {opts.target_eps!r} but there is no bnfix marker: the "
                         "converter may have set eps without refitting the variance (--force to patch)",
                         warning=True)
@@ -197,30 +235,28 @@ def decide(eps_written: float | None, s: float, marker: Marker | None, opts: Opt
 
 
 def patch(prototxt_path: str | Path, caffemodel_path: str | Path, options: Options | None = None, **kw) -> Result:
-    """Read a converted pair and compute the patched files in memory (nothing is written).
+    """Read a converted pair and plan the patch (nothing is written).
 
     ``options`` or keyword arguments ``source`` (a preset name, a ``sqrt(var+A)+B`` string or a
-    :class:`~bnfix.semantics.Formula`), ``target_eps`` and ``force``.  Call ``result.save(...)``
-    to write the outputs.
+    :class:`~bnfix.formulas.Formula`), ``target_eps`` and ``force``.  ``result.layers`` gives
+    the per-layer reports; ``result.save(...)`` writes the outputs.
     """
     if options is None:
         if isinstance(kw.get("source"), str):
             try:
-                kw["source"] = sem.parse_source(kw["source"])
+                kw["source"] = parse_source(kw["source"])
             except ValueError as exc:
                 raise BnfixError(str(exc)) from None
         options = Options(**kw)
     elif kw:
         raise TypeError("give either options or keyword arguments, not both")
-    return run(prototxt_path, caffemodel_path, options, lambda g, mp: _patch_group(g, options, mp))
+    return run(prototxt_path, caffemodel_path, options, lambda g, mp: _plan_patch(g, options, mp))
 
 
-def run(prototxt_path, caffemodel_path, options: Options, per_layer, mode: str = "patch") -> Result:
-    """Read both files, pair their BatchNorm layers, apply ``per_layer`` to each, verify.
-
-    ``per_layer(group, caffemodel_path)`` returns ``(LayerReport, prototxt splices,
-    {layer index: (start, end, new entry bytes)})``; patch and revert differ only there.
-    """
+def run(prototxt_path, caffemodel_path, options: Options, plan_layer, mode: str = "patch") -> Result:
+    """Read both files, pair their BatchNorm layers, plan each with ``plan_layer``, verify the
+    prototxt edits.  ``plan_layer(group, caffemodel_path) -> LayerPlan``; patch and revert
+    differ only there."""
     pp, mp = Path(prototxt_path), Path(caffemodel_path)
     for p in (pp, mp):
         if not p.exists():
@@ -231,16 +267,11 @@ def run(prototxt_path, caffemodel_path, options: Options, per_layer, mode: str =
     doc = prototxt.read(pp)
     with caffemodel.Model(mp) as model:
         groups, warnings = pair_layers(doc, model)
-        reports, splices, replacements = [], [], {}
-        for g in groups:
-            rep, sp, rp = per_layer(g, mp)
-            reports.append(rep)
-            splices += sp
-            replacements.update(rp)
+        plans = [plan_layer(g, mp) for g in groups]
         size, mtime = model.size, model.mtime_ns
+    splices = [sp for p in plans for sp in p.splices]
     _verify_prototxt(doc, splices, groups)
-    new_text = doc.render(splices)
-    return Result(pp, mp, options, reports, warnings, new_text, doc.text, replacements, size, mtime, mode=mode)
+    return Result(pp, mp, options, plans, warnings, doc.render(splices), doc.text, size, mtime, mode=mode)
 
 
 def _refuse_swapped(pp: Path, mp: Path) -> None:
@@ -298,34 +329,37 @@ def pair_layers(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[_
     return list(groups.values()), warnings
 
 
-@dataclass(frozen=True)
-class _Stats:
-    """A caffemodel BatchNorm layer's statistics, in the layout bnfix understands."""
-
-    mean: np.ndarray
-    var: np.ndarray  # as stored (blob 1)
-    s: float
-
-
-def stats_of(bn: caffemodel.BatchNormLayer) -> _Stats | str:
-    """The three BVLC blobs (also the first three of NVCaffe's 5), or why they are not usable."""
+def layout_problem(bn: caffemodel.BatchNormLayer) -> str | None:
+    """Why a layer's blobs are not the 3-blob BVLC (or 5-blob NVCaffe) layout, or None."""
     b = bn.blobs
     if len(b) not in (3, 5):
         return f"{len(b)} blobs: not the 3-blob BVLC or 5-blob NVCaffe layout" if b else "no statistics stored"
     if b[2].count != 1 or b[0].count != b[1].count:
         return "blob sizes do not match mean/variance/scale-factor (NVCaffe 0.14/0.15 order?)"
-    return _Stats(b[0].values, b[1].values, float(b[2].values[0]))
+    return None
 
 
-def _check_scale(stats: _Stats, name: str, path: Path) -> None:
+@dataclass(frozen=True)
+class Stats:
+    """A caffemodel BatchNorm layer's statistics (float arrays), in the layout bnfix understands."""
+
+    mean: object
+    var: object  # as stored (blob 1)
+    s: float
+
+
+def stats_of(bn: caffemodel.BatchNormLayer) -> Stats:
+    return Stats(bn.blobs[0].values, bn.blobs[1].values, float(bn.blobs[2].first()))
+
+
+def check_scale(s: float, name: str, path: Path) -> None:
     """A negative or non-finite scale factor is corruption, whatever else happens to the layer."""
-    if not np.isfinite(stats.s) or stats.s < 0:
-        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {float(stats.s)!r}")
+    if not math.isfinite(s) or s < 0:
+        raise BnfixError(f"{path}: layer {name!r}: scale factor (blob 2) is {float(s)!r}")
 
 
-def _check(stats: _Stats, name: str, path: Path) -> None:
+def _check_values(stats: Stats, name: str, path: Path) -> None:
     """Statistics about to be refitted must be numbers, and the variance not negative."""
-    _check_scale(stats, name, path)
     for what, values, neg in (("variance", stats.var, False), ("mean", stats.mean, True)):
         ch = sem.bad_channel(values, allow_negative=neg)
         if ch is not None:
@@ -333,110 +367,129 @@ def _check(stats: _Stats, name: str, path: Path) -> None:
                              "refusing to patch corrupt statistics")
 
 
-def _max_or_none(err: np.ndarray) -> float | None:
-    """The worst error, or None when a skipped layer's own statistics make it undefined."""
-    worst = float(err.max(initial=0))
-    return worst if np.isfinite(worst) else None
-
-
-def _patch_group(g: _Group, opts: Options, model_path: Path):
-    test_layers = [l for l in g.proto if l.runs_at_test] or g.proto
-    eps_written = test_layers[0].eps
-    eps_before = CAFFE_DEFAULT_EPS if eps_written is None else eps_written
-    first = g.model[0]
-    stats = stats_of(first)
-    channels = first.blobs[0].count if first.blobs else 0
-    if isinstance(stats, str):
-        return LayerReport(g.name, channels, SKIPPED, reason=stats, warning=True,
-                           eps_before=eps_before, eps_after=eps_before), [], {}
-    _check_scale(stats, g.name, model_path)
-    decision = decide(eps_written, stats.s, g.marker, opts)
-    if decision.status == UP_TO_DATE:
-        # The original statistics are gone; measured against the variance recovered from the
-        # patched one the error would be ~0 by construction, so none is claimed.
-        return LayerReport(g.name, channels, UP_TO_DATE, reason=decision.reason, eps_before=eps_before,
-                           eps_after=eps_before, err_before=None, err_after=None), [], {}
-    if decision.status != PATCHED:
-        with np.errstate(all="ignore"):  # a skipped layer may hold anything; it is not refused
-            ref = _reference_variance(stats, g.marker)
-            err = sem.denominator_error(stats.var, stats.s, eps_before, ref, opts.source)
-        worst = _max_or_none(err)
-        return LayerReport(g.name, channels, decision.status, reason=decision.reason, warning=decision.warning,
-                           eps_before=eps_before, eps_after=eps_before, err_before=worst, err_after=worst,
-                           worst_channel=_argmax(np.nan_to_num(err, nan=np.inf))), [], {}
-
-    changes: list[str] = []
-    replacements: dict[int, tuple[int, int, bytes]] = {}
-    reports = []
-    for bn in g.model:
-        st = stats_of(bn)
-        if isinstance(st, str):
-            raise BnfixError(f"{bn.layer.name!r}: duplicate entries in the caffemodel disagree: {st}")
-        _check(st, g.name, model_path)
-        reports.append(_patch_model_layer(bn, st, g.marker, opts, eps_before, replacements, changes))
-    splices = _prototxt_edits(g, opts, eps_written, changes, reports[0][1])
-    rep = reports[0][0]
-    return replace(rep, name=g.name, changes=tuple(dict.fromkeys(changes))), splices, replacements
-
-
-def _reference_variance(st: _Stats, marker: Marker | None) -> np.ndarray:
+def reference_variance(st: Stats, marker: Marker | None) -> list[float]:
     """The Darknet variance the layer stands for: raw stats, or undone via a bnfix marker."""
     s = st.s if st.s != 0 else 1.0
     if marker is not None:
         return sem.original_variance(st.var, s, marker.formula, marker.eps)
-    return np.asarray(st.var, np.float64) / s
+    return [v / s for v in st.var]
 
 
-def _argmax(a: np.ndarray) -> int:
-    return int(np.argmax(a)) if a.size else 0
+def _plan_patch(g: _Group, opts: Options, model_path: Path) -> LayerPlan:
+    test_layers = [l for l in g.proto if l.runs_at_test] or g.proto
+    eps_written = test_layers[0].eps
+    eps_before = CAFFE_DEFAULT_EPS if eps_written is None else eps_written
+    first = g.model[0]
+    channels = first.blobs[0].count if first.blobs else 0
+    base = LayerReport(g.name, channels, SKIPPED, eps_before=eps_before, eps_after=eps_before)
+    problem = layout_problem(first)
+    if problem:
+        return LayerPlan(SKIPPED, [], [], lambda: (replace(base, reason=problem, warning=True), {}))
+    s = first.blobs[2].first()
+    check_scale(s, g.name, model_path)
+    decision = decide(eps_written, s, g.marker, opts)
+    if decision.status == UP_TO_DATE:
+        # The original statistics are gone; measured against the variance recovered from the
+        # patched one the error would be ~0 by construction, so none is claimed.
+        report = replace(base, status=UP_TO_DATE, reason=decision.reason, err_before=None, err_after=None)
+        return LayerPlan(UP_TO_DATE, [], [], lambda: (report, {}))
+    if decision.status != PATCHED:
+        return LayerPlan(decision.status, [], [], lambda: (_skipped_report(base, decision, first, g.marker, opts), {}))
 
-
-def _patch_model_layer(bn, st: _Stats, marker, opts: Options, eps_before, replacements, changes):
-    """New variance (and scale factor, and stored param) for one caffemodel entry; verified."""
-    ref = _reference_variance(st, marker)
-    err_before = sem.denominator_error(st.var, st.s, eps_before, ref, opts.source)
-    s = st.s
-    blob_values: dict[int, np.ndarray] = {}
-    undo: list[tuple[str, str]] = []
-    if s == 0:
-        s = 1.0
-        blob_values[2] = np.ones(1, bn.blobs[2].values.dtype)
+    changes = ["variance recomputed"]
+    edits = []
+    for bn in g.model:
+        problem = layout_problem(bn)
+        if problem:
+            raise BnfixError(f"{model_path}: layer {g.name!r}: duplicate entries disagree: {problem}")
+        check_scale(bn.blobs[2].first(), g.name, model_path)
+        edits.append(_model_edit(bn, opts))
+    if any(e.fix_scale for e in edits):
         changes.append("scale factor fixed (s=0 → 1)")
-        undo.append(("s", "0"))
-    new_var = sem.patched_variance(ref, s, opts.source, opts.target_eps)
-    blob_values[1] = new_var.astype(bn.blobs[1].values.dtype)
-    changes.insert(0, "variance recomputed")
+    splices = _prototxt_edits(g, opts, eps_written, changes, edits[0].undo)
+    layout = [(e.bn.layer.start, e.bn.layer.end, e.size) for e in edits]
 
-    param = bn.param()
-    if param is None:
+    def finish() -> tuple[LayerReport, Entries]:
+        entries: Entries = {}
+        reports = [_apply(e, g, opts, eps_before, model_path, entries) for e in edits]
+        return replace(reports[0], name=g.name, changes=tuple(dict.fromkeys(changes))), entries
+
+    return LayerPlan(PATCHED, splices, layout, finish)
+
+
+def _skipped_report(base: LayerReport, decision: Decision, bn, marker, opts: Options) -> LayerReport:
+    """The errors of a layer left alone, as they are (its statistics may hold anything)."""
+    st = stats_of(bn)
+    err = sem.denominator_error(st.var, st.s, base.eps_before, reference_variance(st, marker), opts.source)
+    value, channel = sem.worst(err)
+    return replace(base, status=decision.status, reason=decision.reason, warning=decision.warning,
+                   err_before=value, err_after=value, worst_channel=channel)
+
+
+@dataclass
+class _ModelEdit:
+    """One caffemodel entry to rewrite: its new batch_norm_param now, its variance later."""
+
+    bn: caffemodel.BatchNormLayer
+    param: bytes  # the batch_norm_param payload to store
+    fix_scale: bool
+    undo: list[tuple[str, str]]
+    size: int  # length of the rewritten entry (blob values change in place)
+
+
+def _model_edit(bn: caffemodel.BatchNormLayer, opts: Options) -> _ModelEdit:
+    """The stored param gets eps (and use_global_stats true where it said false), edited at the
+    wire level so every other byte stays; the marker records what to put back."""
+    undo: list[tuple[str, str]] = []
+    fix_scale = bn.blobs[2].first() == 0
+    if fix_scale:
+        undo.append(("s", "0"))
+    stored = bn.stored_param()
+    ugs = ...
+    if stored is None:
         undo.append(("model", "none"))
-        param = caffemodel.bn_param_class()()
     else:
-        undo.append(("model.eps", repr(float(param.eps)) if param.HasField("eps") else "none"))
-        if param.HasField("use_global_stats") and not param.use_global_stats:
-            param.use_global_stats = True
+        undo.append(("model.eps", "none" if stored.eps is None else repr(stored.eps)))
+        if stored.use_global_stats is False:
+            ugs = True
             undo.append(("model.ugs", "false"))
-    param.eps = opts.target_eps
-    entry = bn.rebuilt(blob_values, param)
-    replacements[bn.layer.index] = (bn.layer.start, bn.layer.end, entry)
+    param = bn.edited_param(eps=f32(opts.target_eps), use_global_stats=ugs)
+    return _ModelEdit(bn, param, fix_scale, undo, len(bn.rebuilt({}, param)))
+
+
+def _apply(edit: _ModelEdit, g: _Group, opts: Options, eps_before: float, model_path: Path,
+           entries: Entries) -> LayerReport:
+    """Refit one entry's variance, encode it, and verify from the encoded bytes."""
+    bn = edit.bn
+    st = stats_of(bn)
+    _check_values(st, g.name, model_path)
+    target = sem.darknet_denominator(reference_variance(st, g.marker), opts.source)
+    err_before = sem.relative_error(sem.caffe_denominator(st.var, st.s, eps_before), target)
+    blob_values = {}
+    s = st.s
+    if edit.fix_scale:
+        s = 1.0
+        blob_values[2] = [1.0]
+    blob_values[1] = sem.stored_variance(target, s, opts.target_eps)
+    entry = bn.rebuilt(blob_values, edit.param)
+    entries[bn.layer.start] = entry
 
     # Verify from the bytes just encoded, not from the float64 intent.
     written = caffemodel.decode_batch_norm(bn.layer, caffemodel.payload_of(entry))
     wst = stats_of(written)
-    assert not isinstance(wst, str)
-    stored_eps = float(written.param().eps)
-    err_after = sem.denominator_error(wst.var, wst.s, stored_eps, ref, opts.source)
-    if not np.all(np.isfinite(err_after)):
-        raise BnfixError(f"layer {bn.layer.name!r}: patched denominator is not finite; refusing to write")
-    report = LayerReport(
-        bn.layer.name, st.var.size, PATCHED, eps_before=eps_before, eps_after=sem.f32(opts.target_eps),
+    stored = written.param()  # decoded by the protobuf runtime: an independent reading
+    if stored.eps != f32(opts.target_eps) or (stored.HasField("use_global_stats") and not stored.use_global_stats):
+        raise AssertionError(f"internal error: layer {g.name!r}: the encoded batch_norm_param reads back wrong")
+    err_after = sem.relative_error(sem.caffe_denominator(wst.var, wst.s, stored.eps), target)
+    if not all(map(math.isfinite, err_after)):
+        raise BnfixError(f"{model_path}: layer {g.name!r}: patched denominator is not finite; refusing to write")
+    after, channel = sem.worst(err_after)
+    return LayerReport(
+        bn.layer.name, len(st.var), PATCHED, eps_before=eps_before, eps_after=f32(opts.target_eps),
         max_rel_var_change=sem.max_relative_change(st.var, wst.var),
-        negative_channels=int((wst.var < 0).sum()),
-        err_before=float(err_before.max(initial=0)), err_after=float(err_after.max(initial=0)),
-        worst_channel=_argmax(err_after),
+        negative_channels=sum(1 for v in wst.var if v < 0),
+        err_before=sem.worst(err_before)[0], err_after=after, worst_channel=channel,
     )
-    return report, undo
-
 
 
 def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], model_undo) -> list[prototxt.Splice]:
@@ -476,7 +529,7 @@ def _prototxt_edits(g: _Group, opts: Options, eps_written, changes: list[str], m
         else:
             at = doc.line_end(layer.field.start)
             splices.append(prototxt.Splice(at, at, marker, order=-1))  # before a field inserted there
-    if not sem.same_eps(eps_written if eps_written is not None else CAFFE_DEFAULT_EPS, opts.target_eps):
+    if not same_eps(eps_written if eps_written is not None else CAFFE_DEFAULT_EPS, opts.target_eps):
         changes.append("eps set")
     return splices
 

@@ -11,8 +11,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .patch import PATCHED, SKIPPED, UP_TO_DATE, LayerReport, Result
-from .revert import REVERTED
+from .patch import PATCHED, REVERTED, SKIPPED, UP_TO_DATE, LayerReport, Result
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

@@ -10,64 +10,75 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from . import caffemodel, prototxt
 from . import semantics as sem
 from .errors import BnfixError
-from .patch import (CAFFE_DEFAULT_EPS, SKIPPED, LayerReport, Options, Result, _Group, find_marker, run, stats_of)
-
-REVERTED = "reverted"
+from .formulas import f32
+from .patch import (CAFFE_DEFAULT_EPS, REVERTED, SKIPPED, Entries, LayerPlan, LayerReport, Options, Result,
+                    _Group, check_scale, find_marker, layout_problem, run, stats_of)
 
 
 def revert(prototxt_path: str | Path, caffemodel_path: str | Path) -> Result:
-    """Compute the pre-bnfix files of a patched pair in memory (``result.save`` writes them)."""
-    return run(prototxt_path, caffemodel_path, Options(), _revert_group, mode="revert")
+    """Plan the pre-bnfix files of a patched pair (``result.save`` writes them)."""
+    return run(prototxt_path, caffemodel_path, Options(), _plan_revert, mode="revert")
 
 
-def _revert_group(g: _Group, model_path: Path):
+def _plan_revert(g: _Group, model_path: Path) -> LayerPlan:
     first = g.model[0]
     channels = first.blobs[0].count if first.blobs else 0
     if g.marker is None:
-        return LayerReport(g.name, channels, SKIPPED, reason="no bnfix marker: nothing to revert"), [], {}
+        report = LayerReport(g.name, channels, SKIPPED, reason="no bnfix marker: nothing to revert")
+        return LayerPlan(SKIPPED, [], [], lambda: (report, {}))
     marker = g.marker
-    eps_before = sem.f32(marker.eps)
     undo = dict(marker.undo)
-    replacements: dict[int, tuple[int, int, bytes]] = {}
-    report = None
+    edits = []
     for bn in g.model:
-        st = stats_of(bn)
-        if isinstance(st, str):
-            raise BnfixError(f"{model_path}: layer {g.name!r}: {st}")
-        values, exact = sem.unpatched_variance(st.var, st.s, marker.formula, marker.eps)
-        blob_values = {1: values.astype(bn.blobs[1].values.dtype)}
-        s_after = st.s
-        if undo.get("s") == "0":
-            blob_values[2] = np.zeros(1, bn.blobs[2].values.dtype)
-            s_after = 0.0
+        problem = layout_problem(bn)
+        if problem:
+            raise BnfixError(f"{model_path}: layer {g.name!r}: {problem}")
+        check_scale(bn.blobs[2].first(), g.name, model_path)
         param, drop = _model_param(bn, undo)
-        entry = bn.rebuilt(blob_values, param, drop_param=drop)
-        replacements[bn.layer.index] = (bn.layer.start, bn.layer.end, entry)
-        if report is None:
-            eps_after = _original_eps(undo)
-            ref = sem.original_variance(st.var, st.s, marker.formula, marker.eps)
-            err = sem.denominator_error(values, s_after, eps_after, ref, marker.formula)
-            inexact = np.flatnonzero(~exact)
-            changes = ["variance restored"] + [c for k, c in (("eps", "eps restored"), ("ugs", "use_global_stats restored"),
-                                                                  ("s", "scale factor restored (s=0)")) if k in undo]
-            reason = ""
-            if inexact.size:
-                listed = ", ".join(map(str, inexact[:8])) + (" …" if inexact.size > 8 else "")
-                reason = f"{inexact.size} channel(s) not restorable bit for bit (float32 round trip): {listed}"
-            report = LayerReport(
-                g.name, channels, REVERTED, changes=tuple(changes), reason=reason, warning=bool(inexact.size),
-                eps_before=eps_before, eps_after=eps_after,
-                max_rel_var_change=sem.max_relative_change(st.var, values),
-                negative_channels=int((values < 0).sum()), err_before=None,
-                err_after=float(err.max(initial=0)), worst_channel=int(np.argmax(err)) if err.size else 0,
-            )
+        edits.append((bn, param, drop, len(bn.rebuilt({}, param, drop_param=drop))))
     splices = [sp for layer in g.proto for sp in _prototxt_undo(layer)]
-    return report, splices, replacements
+    layout = [(bn.layer.start, bn.layer.end, size) for bn, _, _, size in edits]
+
+    def finish() -> tuple[LayerReport, Entries]:
+        entries: Entries = {}
+        report = None
+        for bn, param, drop, _ in edits:
+            st = stats_of(bn)
+            values, exact = sem.unpatched_variance(st.var, st.s, marker.formula, marker.eps)
+            blob_values = {1: values}
+            s_after = st.s
+            if undo.get("s") == "0":
+                blob_values[2] = [0.0]
+                s_after = 0.0
+            entries[bn.layer.start] = bn.rebuilt(blob_values, param, drop_param=drop)
+            if report is None:
+                report = _report(g, channels, marker, undo, st, values, exact, s_after)
+        return report, entries
+
+    return LayerPlan(REVERTED, splices, layout, finish)
+
+
+def _report(g: _Group, channels: int, marker, undo: dict[str, str], st, values, exact, s_after) -> LayerReport:
+    eps_after = _original_eps(undo)
+    ref = sem.original_variance(st.var, st.s, marker.formula, marker.eps)
+    err = sem.denominator_error(values, s_after, eps_after, ref, marker.formula)
+    inexact = [i for i, ok in enumerate(exact) if not ok]
+    changes = ["variance restored"] + [text for key, text in (
+        ("eps", "eps restored"), ("ugs", "use_global_stats restored"), ("s", "scale factor restored (s=0)"))
+        if key in undo]
+    reason = ""
+    if inexact:
+        listed = ", ".join(map(str, inexact[:8])) + (" …" if len(inexact) > 8 else "")
+        reason = f"{len(inexact)} channel(s) not restorable bit for bit (float32 round trip): {listed}"
+    value, channel = sem.worst(err)
+    return LayerReport(
+        g.name, channels, REVERTED, changes=tuple(changes), reason=reason, warning=bool(inexact),
+        eps_before=f32(marker.eps), eps_after=eps_after, max_rel_var_change=sem.max_relative_change(st.var, values),
+        negative_channels=sum(v < 0 for v in values), err_before=None, err_after=value, worst_channel=channel,
+    )
 
 
 def _original_eps(undo: dict[str, str]) -> float:
@@ -80,21 +91,16 @@ def _original_eps(undo: dict[str, str]) -> float:
         return CAFFE_DEFAULT_EPS
 
 
-def _model_param(bn: caffemodel.BatchNormLayer, undo: dict[str, str]):
-    """The caffemodel's ``batch_norm_param`` as it was before the patch (or drop it)."""
+def _model_param(bn: caffemodel.BatchNormLayer, undo: dict[str, str]) -> tuple[bytes | None, bool]:
+    """The caffemodel's ``batch_norm_param`` payload as it was before the patch (or drop it)."""
     if undo.get("model") == "none":
         return None, True
-    param = bn.param()
-    if param is None:
+    if bn.param_bytes is None:
         return None, False
     old = undo.get("model.eps", "none")
-    if old == "none":
-        param.ClearField("eps")
-    else:
-        param.eps = float(old)
-    if undo.get("model.ugs") == "false":
-        param.use_global_stats = False
-    return param, False
+    eps = None if old == "none" else f32(float(old))
+    ugs = False if undo.get("model.ugs") == "false" else ...
+    return bn.edited_param(eps=eps, use_global_stats=ugs), False
 
 
 def _prototxt_undo(layer: prototxt.Layer) -> list[prototxt.Splice]:

@@ -13,6 +13,14 @@ ULP = 2.0**-24  # float32 unit roundoff
 
 # -- presets and hand-written formulas -------------------------------------------------------
 
+def as32(values) -> np.ndarray:
+    return np.asarray(values, F32)
+
+
+def as64(values) -> np.ndarray:
+    return np.asarray(values, np.float64)
+
+
 @pytest.mark.parametrize("name, inside, outside", [
     ("pjreddie-cpu", 0.0, 1e-6),
     ("pjreddie-gpu", 1e-5, 0.0),
@@ -24,6 +32,7 @@ def test_presets_are_the_fact_sheet_formulas(name, inside, outside):
     assert (f.inside, f.outside) == (inside, outside)
     var = np.array([0.0, 1e-6, 0.25])
     assert np.allclose(f.denominator(var), np.sqrt(var + inside) + outside, rtol=0, atol=0)
+    assert np.array_equal(as64(sem.darknet_denominator(var, f)), f.denominator(var))
 
 
 def test_default_source_is_pjreddie_cpu():
@@ -62,9 +71,28 @@ def test_expression_round_trips_through_parse():
 # -- Caffe's arithmetic ------------------------------------------------------------------------
 
 def test_caffe_denominator_is_float32_with_float32_eps():
-    den = sem.caffe_denominator(np.array([0.0], F32), 1.0, 1e-6)
-    assert den.dtype == F32
+    den = sem.caffe_denominator([0.0], 1.0, 1e-6)
+    assert den.typecode == "f"
     assert den[0] == np.sqrt(F32(1e-6))  # eps held as float32 9.99999997e-07
+
+
+def numpy_caffe_denominator(b1, s, eps):
+    """The same computation in numpy float32: the reference for the pure-Python emulation."""
+    s32 = F32(s)
+    factor = F32(0.0) if s32 == 0 else F32(1.0) / s32
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(as32(b1) * factor + F32(eps))
+
+
+@settings(max_examples=300, deadline=None)
+@given(b1=st.lists(st.floats(float(F32(-1e-5)), 1e6, allow_nan=False, width=32), min_size=1, max_size=16),
+       s=st.one_of(st.just(0.0), st.just(1.0), st.floats(float(F32(1e-3)), 1e4, width=32)),
+       eps=st.sampled_from([0.0, 1e-6, 1e-5, 1e-3, 0.0010000000475]))
+def test_float32_emulation_is_bit_exact(b1, s, eps):
+    """Double rounding is innocuous for + * / sqrt: the emulation equals numpy's float32."""
+    ours = as32(sem.caffe_denominator(b1, s, eps))
+    ref = numpy_caffe_denominator(b1, s, eps)
+    assert np.array_equal(ours.view(np.int32), ref.view(np.int32)) or np.array_equal(ours, ref, equal_nan=True)
 
 
 def test_caffe_denominator_zero_scale_factor_zeroes_statistics():
@@ -113,9 +141,10 @@ def test_patched_denominator_matches_darknet(var, source, eps, s):
     if eps == 0.0 and formula.inside == 0 and formula.outside == 0:
         return
     stored = sem.patched_variance(v, s, formula, eps)
-    assert stored.dtype == F32
+    assert stored.typecode == "f"
+    stored = as32(stored)
     target = formula.denominator(v)
-    err = sem.relative_error(sem.caffe_denominator(stored, s, eps), target)
+    err = as64(sem.relative_error(sem.caffe_denominator(stored, s, eps), target))
     assert np.all(err <= _bound(stored, s, eps, target)), (err, _bound(stored, s, eps, target))
 
 
@@ -126,13 +155,13 @@ def test_normal_channels_match_to_float32_precision(var, s):
     v = np.asarray(var, F32).astype(np.float64)
     formula = sem.PRESETS["pjreddie-cpu"]
     stored = sem.patched_variance(v, s, formula, 1e-6)
-    err = sem.relative_error(sem.caffe_denominator(stored, s, 1e-6), formula.denominator(v))
+    err = as64(sem.relative_error(sem.caffe_denominator(stored, s, 1e-6), formula.denominator(v)))
     assert err.max() <= 1.5e-7
 
 
 def test_tiny_variances_go_negative_and_stay_valid_for_caffe():
     v = np.array([3.0e-7, 1.1e-7, 5.6e-45, 0.0])
-    stored = sem.patched_variance(v, 1.0, sem.PRESETS["pjreddie-cpu"], 1e-6)
+    stored = as32(sem.patched_variance(v, 1.0, sem.PRESETS["pjreddie-cpu"], 1e-6))
     assert np.all(stored < 0)
     assert np.all(stored.astype(np.float64) + sem.f32(1e-6) > 0)
 
@@ -142,7 +171,7 @@ def test_eps_zero_is_exact_for_dead_channels():
     v = np.array([5.6e-45, 0.0, 2e-7])
     f = sem.PRESETS["pjreddie-cpu"]
     stored = sem.patched_variance(v, 1.0, f, 0.0)
-    err = sem.relative_error(sem.caffe_denominator(stored, 1.0, 0.0), f.denominator(v))
+    err = as64(sem.relative_error(sem.caffe_denominator(stored, 1.0, 0.0), f.denominator(v)))
     assert err.max() <= 1.2e-7
 
 
@@ -152,14 +181,26 @@ def test_eps_zero_is_exact_for_dead_channels():
 def test_original_variance_inverts_the_patch(var, source, s):
     v = np.asarray(var, F32).astype(np.float64)
     formula = sem.PRESETS[source]
-    stored = sem.patched_variance(v, s, formula, 1e-6)
-    back = sem.original_variance(stored, s, formula, 1e-6)
-    # Re-patching the recovered variance lands on the stored float32 value or its neighbour
-    # (ties in the ulp search); revert reports such channels instead of hiding them.
-    again = sem.patched_variance(back, s, formula, 1e-6)
-    ulps = np.abs(again.view(np.int32).astype(np.int64) - stored.view(np.int32).astype(np.int64))
-    assert ulps.max() <= 1
-    assert np.allclose(back, v, rtol=1e-5, atol=1e-10)
+    b1 = (v * s).astype(F32)  # what the caffemodel stores
+    stored = as32(sem.patched_variance(b1.astype(np.float64) / s, s, formula, 1e-6))
+    back = as64(sem.original_variance(stored, s, formula, 1e-6))
+    assert np.allclose(back, b1 / s, rtol=1e-5, atol=1e-10)
+    values, exact = sem.unpatched_variance(stored, s, formula, 1e-6)
+    values = as32(values)
+    # Channels reported exact re-patch to the stored bits and are the original bits.
+    again = as32(sem.patched_variance(values.astype(np.float64) / s, s, formula, 1e-6))
+    exact = np.asarray(exact)
+    assert np.array_equal(again[exact], stored[exact])
+    assert np.array_equal(values[exact], b1[exact])
+
+
+@pytest.mark.parametrize("x", [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 3.4028234663852886e38, 1e-38])
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_f32_step_matches_numpy_nextafter(x):
+    x32 = F32(x)
+    for k, towards in ((1, np.inf), (-1, -np.inf)):
+        assert sem.f32_step(float(x32), k) == float(np.nextafter(x32, F32(towards)))
+    assert sem.f32_step(float(x32), 2) == float(np.nextafter(np.nextafter(x32, F32(np.inf)), F32(np.inf)))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -169,6 +210,12 @@ def test_bad_channel_finds_first_offender():
     assert sem.bad_channel(np.array([1.0, 2.0, -1.0]), allow_negative=False) == 2
     assert sem.bad_channel(np.array([1.0, 2.0, -1.0]), allow_negative=True) is None
     assert sem.bad_channel(np.array([np.inf]), allow_negative=True) == 0
+
+
+def test_worst_treats_nan_as_the_worst():
+    assert sem.worst([1e-7, 3e-7, 2e-7]) == (3e-7, 1)
+    assert sem.worst([1e-7, float("nan"), 2e-7]) == (None, 1)
+    assert sem.worst([]) == (0.0, 0)
 
 
 def test_max_relative_change():
