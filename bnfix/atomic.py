@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import BnfixError
 
@@ -31,7 +30,7 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
     try:
         for path, fill in outputs:
             made += _make_dirs(path.parent)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bnfix-tmp", dir=path.parent)
+            fd, tmp = _temp_beside(path)
             temps.append((tmp, path))
             try:
                 fill(fd)
@@ -81,7 +80,7 @@ def _make_dirs(path: Path) -> list[Path]:
 
 
 def _copy_atomic(src: Path, dst: Path, sync: bool) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".bnfix-tmp", dir=dst.parent)
+    fd, tmp = _temp_beside(dst)
     try:
         with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(f, out, 1 << 22)
@@ -93,6 +92,21 @@ def _copy_atomic(src: Path, dst: Path, sync: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new private file next to ``path`` (same directory, so the rename is atomic).
+
+    Like ``tempfile.mkstemp``, which is not used because importing tempfile costs more than
+    this whole function.
+    """
+    for _ in range(100):
+        tmp = str(path.with_name(f".{path.name}.{os.urandom(6).hex()}.bnfix-tmp"))
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file")
 
 
 def _umask() -> int:

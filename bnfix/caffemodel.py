@@ -35,9 +35,9 @@ import os
 import struct
 import sys
 import threading
-from dataclasses import dataclass, field
+from collections import namedtuple
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
 
 from .errors import BnfixError
 
@@ -92,14 +92,10 @@ def key(number: int, wire: int) -> bytes:
     return encode_varint(number << 3 | wire)
 
 
-class Span(NamedTuple):
+class Span(namedtuple("Span", "number wire start value end")):
     """One field of a message: key at ``start``, value bytes ``[value, end)`` (a tuple: cheap)."""
 
-    number: int
-    wire: int
-    start: int
-    value: int
-    end: int
+    __slots__ = ()
 
 
 def fields(buf, start: int, end: int) -> Iterator[Span]:
@@ -170,19 +166,13 @@ def bn_param_class():
 # -- the model -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Layer:
-    """A top-level ``layer`` entry: its byte range and the two fields read from every layer."""
+class Layer(namedtuple("Layer", "index start payload end name type")):
+    """A top-level ``layer`` entry: its position among the layer entries, the offsets of its key,
+    payload and end, and the two fields read from every layer."""
 
-    index: int  # position among the file's layer entries
-    start: int  # offset of the entry's key
-    payload: int  # offset of the LayerParameter bytes
-    end: int
-    name: str
-    type: str
+    __slots__ = ()
 
 
-@dataclass
 class Blob:
     """A BlobProto's values: where they live inside the layer payload, decoded on request.
 
@@ -190,10 +180,11 @@ class Blob:
     before any value is read; ``values`` decodes them when the maths needs them.
     """
 
-    source: bytes  # the layer payload the chunks point into
-    dtype: str  # "<f4" for ``data``, "<f8" for ``double_data``
-    chunks: list[tuple[int, int]]  # (offset in the layer payload, element count), in order
-    shape: tuple[int, ...] | None
+    def __init__(self, source: bytes, dtype: str, chunks: list[tuple[int, int]], shape: tuple[int, ...] | None):
+        self.source = source  # the layer payload the chunks point into
+        self.dtype = dtype  # "<f4" for ``data``, "<f8" for ``double_data``
+        self.chunks = chunks  # (offset in the layer payload, element count), in order
+        self.shape = shape
 
     @property
     def count(self) -> int:
@@ -231,14 +222,13 @@ class Blob:
             pos += count * size
 
 
-@dataclass
 class BatchNormLayer:
     """A decoded BatchNorm layer: blobs, and its ``batch_norm_param`` if stored."""
 
-    layer: Layer
-    payload: bytes
-    blobs: list[Blob]
-    param_spans: list[Span] = field(default_factory=list)  # offsets relative to payload
+    def __init__(self, layer: Layer, payload: bytes):
+        self.layer, self.payload = layer, payload
+        self.blobs: list[Blob] = []
+        self.param_spans: list[Span] = []  # offsets relative to payload
 
     @property
     def param_bytes(self) -> bytes | None:
@@ -317,11 +307,10 @@ class BatchNormLayer:
         return key(LAYER, LEN) + encode_varint(len(payload)) + bytes(payload)
 
 
-class ParamFields(NamedTuple):
+class ParamFields(namedtuple("ParamFields", "eps use_global_stats")):
     """The two ``batch_norm_param`` fields bnfix acts on, as stored (None: not stored)."""
 
-    eps: float | None
-    use_global_stats: bool | None
+    __slots__ = ()
 
 
 def payload_of(entry: bytes) -> bytes:
@@ -407,7 +396,7 @@ class Model:
 
 def decode_batch_norm(layer: Layer, payload: bytes) -> BatchNormLayer:
     """Decode a BatchNorm layer's payload (also used to re-read what bnfix just encoded)."""
-    out = BatchNormLayer(layer, payload, [])
+    out = BatchNormLayer(layer, payload)
     for sp in fields(payload, 0, len(payload)):
         if sp.number == LAYER_BLOBS and sp.wire == LEN:
             out.blobs.append(_decode_blob(payload, sp.value, sp.end, len(out.blobs)))

@@ -9,7 +9,6 @@ Exit codes: 0 success (also ``--dry-run``, and ``--check`` finding nothing to do
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -239,6 +238,8 @@ def _progress(console, path: Path):
 
 
 def _write_json(target: str, results: list[Result], errors: list[dict]) -> int:
+    import json
+
     from . import report
 
     text = json.dumps(report.to_json(results, errors), indent=2) + "\n"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections import namedtuple
 from pathlib import Path
 
 from . import atomic, caffemodel, prototxt
@@ -37,13 +37,11 @@ PATCHED, SKIPPED, UP_TO_DATE, REVERTED = "patched", "skipped", "up to date", "re
 _MARKER = re.compile(r"  # bnfix: fitted to (?P<expr>[^,\]]+), eps (?P<eps>\S+) \[undo(?P<undo>[^\]]*)\]")
 
 
-@dataclass(frozen=True)
-class Marker:
-    """What a bnfix patch wrote into a layer and what it replaced (for revert / re-patch)."""
+class Marker(namedtuple("Marker", "formula eps undo")):
+    """What a bnfix patch wrote into a layer (formula, eps) and what it replaced: ``undo`` pairs
+    such as ("eps", "none"), ("ugs", "false"), ("s", "0"), for revert and re-patch."""
 
-    formula: Formula
-    eps: float
-    undo: tuple[tuple[str, str], ...]  # e.g. (("eps", "none"), ("ugs", "false"), ("s", "0"))
+    __slots__ = ()
 
     def render(self) -> str:
         undo = "".join(f" {k}={v}" for k, v in self.undo)
@@ -74,53 +72,47 @@ def find_marker(layer: prototxt.Layer) -> tuple[Marker, int, int] | None:
 # -- options and results ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Options:
-    """What the patched model must reproduce, and how hard to push."""
+class Options(namedtuple("Options", "source target_eps force", defaults=(PRESETS[DEFAULT_SOURCE], 1e-6, False))):
+    """What the patched model must reproduce (``source``), the eps to store, and whether to
+    ``force`` layers that look patched or not converted from Darknet."""
 
-    source: Formula = PRESETS[DEFAULT_SOURCE]
-    target_eps: float = 1e-6
-    force: bool = False
+    __slots__ = ()
 
-    def __post_init__(self):
+    def __new__(cls, *args, **kw):
+        self = super().__new__(cls, *args, **kw)
         if not (self.target_eps >= 0 and math.isfinite(self.target_eps)):
             raise BnfixError(f"target eps must be a finite number >= 0, not {self.target_eps!r}")
+        return self
 
 
-@dataclass(frozen=True)
-class LayerReport:
-    """One BatchNorm layer's row of the diff summary (every number from the written bytes)."""
+class LayerReport(namedtuple(
+    "LayerReport",
+    "name channels status changes reason warning eps_before eps_after max_rel_var_change "
+    "negative_channels err_before err_after worst_channel",
+    defaults=((), "", False, CAFFE_DEFAULT_EPS, CAFFE_DEFAULT_EPS, 0.0, 0, 0.0, 0.0, 0),
+)):
+    """One BatchNorm layer's row of the diff summary (every number from the written bytes).
 
-    name: str
-    channels: int
-    status: str  # PATCHED, SKIPPED (reason says why), UP_TO_DATE (patched before) or REVERTED
-    changes: tuple[str, ...] = ()
-    reason: str = ""
-    warning: bool = False
-    eps_before: float = CAFFE_DEFAULT_EPS
-    eps_after: float = CAFFE_DEFAULT_EPS
-    max_rel_var_change: float = 0.0
-    negative_channels: int = 0
-    err_before: float | None = 0.0  # max relative error of Caffe's denominator vs Darknet's
-    err_after: float | None = 0.0  # None when unknown (layer patched by an earlier run)
-    worst_channel: int = 0
+    ``status`` is PATCHED, SKIPPED (``reason`` says why), UP_TO_DATE (patched before) or
+    REVERTED; ``err_before``/``err_after`` are the largest relative error of Caffe's
+    denominator against Darknet's over the channels, None when unknown (a layer patched by an
+    earlier run: its original statistics are gone).
+    """
+
+    __slots__ = ()
 
 
 Entries = dict[int, bytes]  # caffemodel offset of a layer entry -> its new bytes
 
 
-@dataclass
-class LayerPlan:
+class LayerPlan(namedtuple("LayerPlan", "status splices layout finish")):
     """What one BatchNorm name becomes: prototxt edits and caffemodel layout now, numbers later.
 
     ``layout`` holds ``(start, end, new length)`` for every caffemodel entry to rewrite;
     ``finish()`` does the arithmetic and returns the report and ``{start: new entry bytes}``.
     """
 
-    status: str
-    splices: list[prototxt.Splice]
-    layout: list[tuple[int, int, int]]
-    finish: Callable[[], tuple[LayerReport, Entries]]
+    __slots__ = ()
 
 
 class Result:
@@ -196,21 +188,16 @@ class Result:
 # -- reading and planning --------------------------------------------------------------------
 
 
-@dataclass
 class _Group:
     """All entries of one BatchNorm name: prototxt layers (phase-split duplicates) and model layers."""
 
-    name: str
-    proto: list[prototxt.Layer]
-    model: list[caffemodel.BatchNormLayer]
-    marker: Marker | None = None
+    def __init__(self, name: str, proto: list[prototxt.Layer], model: list[caffemodel.BatchNormLayer]):
+        self.name, self.proto, self.model = name, proto, model
+        self.marker: Marker | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
-    status: str
-    reason: str = ""
-    warning: bool = False
+class Decision(namedtuple("Decision", "status reason warning", defaults=("", False))):
+    __slots__ = ()
 
 
 def decide(eps_written: float | None, s: float, marker: Marker | None, opts: Options) -> Decision:
@@ -339,13 +326,11 @@ def layout_problem(bn: caffemodel.BatchNormLayer) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Stats:
-    """A caffemodel BatchNorm layer's statistics (float arrays), in the layout bnfix understands."""
+class Stats(namedtuple("Stats", "mean var s")):
+    """A caffemodel BatchNorm layer's statistics: mean and variance as stored (float arrays) and
+    the scale factor ``s``."""
 
-    mean: object
-    var: object  # as stored (blob 1)
-    s: float
+    __slots__ = ()
 
 
 def stats_of(bn: caffemodel.BatchNormLayer) -> Stats:
@@ -384,14 +369,14 @@ def _plan_patch(g: _Group, opts: Options, model_path: Path) -> LayerPlan:
     base = LayerReport(g.name, channels, SKIPPED, eps_before=eps_before, eps_after=eps_before)
     problem = layout_problem(first)
     if problem:
-        return LayerPlan(SKIPPED, [], [], lambda: (replace(base, reason=problem, warning=True), {}))
+        return LayerPlan(SKIPPED, [], [], lambda: (base._replace(reason=problem, warning=True), {}))
     s = first.blobs[2].first()
     check_scale(s, g.name, model_path)
     decision = decide(eps_written, s, g.marker, opts)
     if decision.status == UP_TO_DATE:
         # The original statistics are gone; measured against the variance recovered from the
         # patched one the error would be ~0 by construction, so none is claimed.
-        report = replace(base, status=UP_TO_DATE, reason=decision.reason, err_before=None, err_after=None)
+        report = base._replace(status=UP_TO_DATE, reason=decision.reason, err_before=None, err_after=None)
         return LayerPlan(UP_TO_DATE, [], [], lambda: (report, {}))
     if decision.status != PATCHED:
         return LayerPlan(decision.status, [], [], lambda: (_skipped_report(base, decision, first, g.marker, opts), {}))
@@ -412,7 +397,7 @@ def _plan_patch(g: _Group, opts: Options, model_path: Path) -> LayerPlan:
     def finish() -> tuple[LayerReport, Entries]:
         entries: Entries = {}
         reports = [_apply(e, g, opts, eps_before, model_path, entries) for e in edits]
-        return replace(reports[0], name=g.name, changes=tuple(dict.fromkeys(changes))), entries
+        return reports[0]._replace(name=g.name, changes=tuple(dict.fromkeys(changes))), entries
 
     return LayerPlan(PATCHED, splices, layout, finish)
 
@@ -422,19 +407,15 @@ def _skipped_report(base: LayerReport, decision: Decision, bn, marker, opts: Opt
     st = stats_of(bn)
     err = sem.denominator_error(st.var, st.s, base.eps_before, reference_variance(st, marker), opts.source)
     value, channel = sem.worst(err)
-    return replace(base, status=decision.status, reason=decision.reason, warning=decision.warning,
+    return base._replace(status=decision.status, reason=decision.reason, warning=decision.warning,
                    err_before=value, err_after=value, worst_channel=channel)
 
 
-@dataclass
-class _ModelEdit:
-    """One caffemodel entry to rewrite: its new batch_norm_param now, its variance later."""
+class _ModelEdit(namedtuple("_ModelEdit", "bn param fix_scale undo size")):
+    """One caffemodel entry to rewrite: its new batch_norm_param payload now, its variance
+    later; ``size`` is the rewritten entry's length (blob values change in place)."""
 
-    bn: caffemodel.BatchNormLayer
-    param: bytes  # the batch_norm_param payload to store
-    fix_scale: bool
-    undo: list[tuple[str, str]]
-    size: int  # length of the rewritten entry (blob values change in place)
+    __slots__ = ()
 
 
 def _model_edit(bn: caffemodel.BatchNormLayer, opts: Options) -> _ModelEdit:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 from .errors import BnfixError
 
@@ -39,34 +38,34 @@ _TOKEN = re.compile(
 _CLOSE = {"{": "}", "<": ">"}
 
 
-class Token(NamedTuple):
-    """A slice of the text (a tuple, not a dataclass: a 250 KB prototxt has 60 000 of them)."""
+class Token(namedtuple("Token", "kind start end text")):
+    """A slice of the text: ``kind`` is comment, string, number, ident or punct."""
 
-    kind: str  # "comment" | "string" | "number" | "ident" | "punct"
-    start: int
-    end: int
-    text: str
+    __slots__ = ()
 
 
 _EOF = Token("eof", -1, -1, "")
 
 
-@dataclass
 class Field:
     """``name: value`` or ``name { ... }``; spans are offsets into the document text."""
 
-    name: str
-    start: int  # first character of the name
-    end: int  # one past the value (the closing brace of a message)
-    value: Message | None = None  # set for message fields
-    value_tokens: list[Token] = field(default_factory=list)  # set for scalars (and lists)
+    __slots__ = ("name", "start", "end", "value", "value_tokens")
+
+    def __init__(self, name: str, start: int, end: int):
+        self.name, self.start, self.end = name, start, end  # end: one past the value
+        self.value: Message | None = None  # set for message fields
+        self.value_tokens: list[Token] = []  # set for scalars (and lists)
 
 
-@dataclass
 class Message:
-    open: int  # offset of "{" ("-1" for the document itself)
-    close: int  # offset of "}" (len(text) for the document)
-    fields: list[Field] = field(default_factory=list)
+    """A ``{ ... }`` block: offsets of its braces (-1 and len(text) for the document)."""
+
+    __slots__ = ("open", "close", "fields")
+
+    def __init__(self, open_: int, close: int):
+        self.open, self.close = open_, close
+        self.fields: list[Field] = []
 
     def all(self, name: str) -> list[Field]:
         return [f for f in self.fields if f.name == name]
@@ -151,14 +150,10 @@ class Document:
         return "".join(out)
 
 
-@dataclass(frozen=True)
-class Splice:
+class Splice(namedtuple("Splice", "start end text order", defaults=(0,))):
     """Replace ``text[start:end]``; among insertions at one offset, lower ``order`` goes first."""
 
-    start: int
-    end: int
-    text: str
-    order: int = 0
+    __slots__ = ()
 
 
 class Layer:

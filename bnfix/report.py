@@ -7,7 +7,6 @@ table and the JSON cannot drift apart; ``FIELDS`` is the list both are tested ag
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -28,7 +27,7 @@ def _finite(x: float) -> float | None:
 
 
 def layer_dict(r: LayerReport) -> dict:
-    d = asdict(r)
+    d = r._asdict()
     d["changes"] = list(r.changes)
     d["max_rel_var_change"] = _finite(r.max_rel_var_change)
     return d
@@ -69,6 +68,8 @@ def pair_dict(result: Result) -> dict:
 
 
 def darknet_dict(cc) -> dict:
+    from dataclasses import asdict
+
     h = cc.header
     return {
         "weights": str(cc.weights),

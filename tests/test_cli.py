@@ -948,3 +948,30 @@ def test_readme_example(tmp_path):
     assert err_after <= 1e-7
     assert j["totals"]["err_before"] == err_before and j["totals"]["err_after"] == err_after
     assert sorted(p.name for p in out_dir.iterdir()) == ["yoloface-50k.caffemodel", "yoloface-50k.prototxt"]
+
+
+# -- progress bar ------------------------------------------------------------------------------
+
+
+def test_progress_bar_only_on_a_terminal_after_a_second(tmp_path, monkeypatch):
+    """A bar appears on a terminal once the copy has run for more than a second; never on a pipe
+    or with --quiet (no console at all)."""
+    import io
+
+    from rich.console import Console
+
+    from bnfix import cli
+
+    model = tmp_path / "m.caffemodel"
+    model.write_bytes(b"\0" * 1000)
+    assert cli._progress(None, model) is None
+    assert cli._progress(Console(file=io.StringIO(), force_terminal=False), model) is None
+    out = io.StringIO()
+    clock = iter([0.0, 0.5, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    update = cli._progress(Console(file=out, force_terminal=True, width=80), model)
+    update(100)  # 0.5 s: too early for a bar
+    assert out.getvalue() == ""
+    update(500)  # 2 s: the bar starts
+    update(1000)  # done: the bar stops (transient: it erases itself)
+    assert "writing" in out.getvalue()
