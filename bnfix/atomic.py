@@ -15,9 +15,10 @@ from pathlib import Path
 from .errors import BnfixError
 
 
-def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool = False,
+def write_all(outputs: list[tuple[Path, bytes | Callable[[int], None]]], *, backup: bool = False,
               sync: bool = True) -> None:
-    """Write each ``(path, fill)`` where ``fill(fd)`` writes the content; rename all at the end.
+    """Write each ``(path, content)`` (bytes, or ``fill(fd)`` that writes them); rename all at
+    the end.
 
     With ``backup``, an existing target is first copied to ``<target>.orig`` unless that file
     already exists (the oldest original is the one worth keeping).  ``sync=False`` skips the
@@ -33,7 +34,10 @@ def write_all(outputs: list[tuple[Path, Callable[[int], None]]], *, backup: bool
             fd, tmp = _temp_beside(path)
             temps.append((tmp, path))
             try:
-                fill(fd)
+                if isinstance(fill, bytes):
+                    write_fd(fd, fill)
+                else:
+                    fill(fd)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -92,6 +96,13 @@ def _copy_atomic(src: Path, dst: Path, sync: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    """``os.write`` until everything is written (it may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:

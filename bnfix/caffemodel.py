@@ -39,6 +39,7 @@ from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
 
+from .atomic import write_fd
 from .errors import BnfixError
 
 LAYER = 100  # NetParameter.layer
@@ -351,7 +352,7 @@ class Model:
 
     def _index(self) -> list[Layer]:
         buf, layers = self._map, []
-        other = 0
+        v1 = 0
         for sp in fields(buf, 0, self.size):
             if sp.number == LAYER and sp.wire == LEN:
                 name = type_ = None
@@ -366,10 +367,10 @@ class Model:
                         break
                 name, type_ = name or "", type_ or ""
                 layers.append(Layer(len(layers), sp.start, sp.value, sp.end, name, type_))
-            else:
-                other += 1
+            elif sp.number == V1_LAYERS:
+                v1 += 1
         if not layers:
-            what = "only V1 'layers' entries, which cannot hold BatchNorm" if other else "no layers"
+            what = "only V1 'layers' entries, which cannot hold BatchNorm" if v1 else "no layers"
             raise WireError(what)
         return layers
 
@@ -486,7 +487,7 @@ def copy_range(src: int, dst: int, offset: int, count: int) -> None:
             chunk = os.pread(src, min(count, 1 << 22), offset)
             if not chunk:
                 raise BnfixError(f"input ended {count} bytes early while copying")
-            _write_all(dst, chunk)
+            write_fd(dst, chunk)
             done = len(chunk)
         offset += done
         count -= done
@@ -591,7 +592,7 @@ def _write_sequential(src: int, dst: int, copies, slots, data: dict[int, bytes],
         if kind == "data":
             start, length = item
             _check_length(data[start], length)
-            _write_all(dst, data[start])
+            write_fd(dst, data[start])
             continue
         offset, _, count = item
         while count > 0:
@@ -614,7 +615,3 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -161,7 +161,7 @@ def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[
     result = revert(pp, mp) if args.revert else patch(pp, mp, options)
     result.darknet = check
     if outs is None:
-        result.layers  # compute now: bad statistics are errors in --check and --dry-run too
+        result.compute()  # now: bad statistics are errors in --check and --dry-run too
     if outs is not None:
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
                     progress=_progress(console, result.caffemodel))
@@ -247,8 +247,7 @@ def _write_json(target: str, results: list[Result], errors: list[dict]) -> int:
         sys.stdout.write(text)
         return EXIT_OK
     try:
-        data = text.encode()
-        atomic.write_all([(Path(target), lambda fd: os.write(fd, data))])
+        atomic.write_all([(Path(target), text.encode())])
     except BnfixError as exc:
         _error(str(exc))
         return EXIT_ERROR

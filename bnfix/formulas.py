@@ -21,19 +21,6 @@ class Formula(namedtuple("Formula", "inside outside preset", defaults=(None,))):
 
     __slots__ = ()
 
-    def denominator(self, var):
-        """D(var) in float64 (numpy arrays): the reference every error is measured against."""
-        import numpy as np
-
-        return np.sqrt(np.asarray(var, np.float64) + self.inside) + self.outside
-
-    def inverse(self, den):
-        """The variance whose D is ``den`` (float64, numpy arrays); used to undo a patch."""
-        import numpy as np
-
-        root = np.asarray(den, np.float64) - self.outside
-        return np.maximum(root * root - self.inside, 0.0)
-
     @property
     def expression(self) -> str:
         inner = f"var + {self.inside!r}" if self.inside else "var"

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from collections import namedtuple
 from pathlib import Path
 
 from . import atomic, caffemodel, prototxt
 from . import semantics as sem
 from .errors import BnfixError
-from .formulas import DEFAULT_SOURCE, PRESETS, Formula, f32, parse_source, same_eps
+from .formulas import DEFAULT_SOURCE, PRESETS, f32, parse_source, same_eps
 
 CAFFE_DEFAULT_EPS = 1e-5
 PATCHED, SKIPPED, UP_TO_DATE, REVERTED = "patched", "skipped", "up to date", "reverted"
@@ -46,9 +45,6 @@ class Marker(namedtuple("Marker", "formula eps undo")):
     def render(self) -> str:
         undo = "".join(f" {k}={v}" for k, v in self.undo)
         return f"  # bnfix: fitted to {self.formula.expression}, eps {self.eps!r} [undo{undo}]"
-
-    def get(self, key: str) -> str | None:
-        return dict(self.undo).get(key)
 
 
 def find_marker(layer: prototxt.Layer) -> tuple[Marker, int, int] | None:
@@ -139,6 +135,14 @@ class Result:
     @property
     def layers(self) -> list[LayerReport]:
         """One report per BatchNorm name (computing the numbers if not done yet)."""
+        self.compute()
+        return self._reports
+
+    def compute(self) -> Entries:
+        """Refit, encode and verify every planned layer (once); bad statistics raise here.
+
+        Returns the new caffemodel entries by offset; ``save`` calls it while it copies.
+        """
         if self._reports is None:
             reports = []
             for plan in self._plans:
@@ -146,10 +150,6 @@ class Result:
                 reports.append(report)
                 self._entries.update(entries)
             self._reports = reports
-        return self._reports
-
-    def _computed_entries(self) -> Entries:
-        self.layers
         return self._entries
 
     @property
@@ -176,12 +176,11 @@ class Result:
         text = self.new_prototxt.encode("utf-8")
 
         def write_model(fd: int) -> None:
-            caffemodel.write(self.caffemodel, self._model_size, self._layout, self._computed_entries, fd, progress)
+            caffemodel.write(self.caffemodel, self._model_size, self._layout, self.compute, fd, progress)
 
         if Path(self.caffemodel).stat().st_mtime_ns != self._model_mtime:
             raise BnfixError(f"{self.caffemodel}: the file changed while bnfix was running")
-        atomic.write_all([(outs[0], lambda fd: caffemodel._write_all(fd, text)), (outs[1], write_model)],
-                         backup=backup, sync=sync)
+        atomic.write_all([(outs[0], text), (outs[1], write_model)], backup=backup, sync=sync)
         self.outputs = outs
 
 
@@ -290,8 +289,7 @@ def pair_layers(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[_
             continue
         if not layer.name:
             raise doc.error(layer.field.start, "BatchNorm layer without a name: it cannot be matched to the caffemodel")
-        layer.eps  # parse errors surface here, naming the line
-        layer.use_global_stats
+        layer.validate()  # parse errors in its batch_norm_param surface here, naming the line
         g = groups.get(layer.name)
         if g is None:
             entries = by_name.get(layer.name, [])

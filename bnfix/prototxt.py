@@ -231,10 +231,9 @@ class Layer:
             return False
         raise self.doc.error(f.start, f"layer {self.name!r}: use_global_stats {text!r} is not a boolean")
 
-    def comments(self) -> list[Token]:
-        """Comments on the lines this layer spans (its first line to its last)."""
-        doc = self.doc
-        return doc.comments_between(doc.line_start(self.field.start), doc.line_end(self.field.end))
+    def validate(self) -> None:
+        """Raise the error of a malformed eps or use_global_stats now rather than later."""
+        _ = self.eps, self.use_global_stats
 
     # -- edits ----------------------------------------------------------------------------
     def set_value(self, f: Field, text: str) -> Splice:

@@ -99,7 +99,6 @@ def test_storage_forms_are_kept(tmp_path):
     legacy = cp.bn_layer("legacy", [0, 0, 0], var, legacy=True)
     double = cp.bn_layer("double", [0, 0, 0], var, double=True)
     nv = cp.bn_layer("nvcaffe", [0, 0, 0], var, extra_blobs=([1, 1, 1], [0, 0, 0]))
-    unpacked = cp.bn_layer("unpacked", [0, 0, 0], var)
     data = cp.model_bytes(legacy, double, nv)
     # Hand-encode the unpacked layer: each float as its own field-5 entry (wire type 5).
     blobs = b"".join(
