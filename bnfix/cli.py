@@ -80,21 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version 0
         return int(exc.code or 0)
-    if len(args.files) % 2:
+    conflict = _conflict(args)
+    if conflict:
         parser.print_usage(sys.stderr)
-        print("bnfix: error: files come in pairs: PROTOTXT CAFFEMODEL [PROTOTXT CAFFEMODEL ...]", file=sys.stderr)
-        return EXIT_ERROR
-    if args.darknet_cfg and not args.darknet_weights:
-        parser.print_usage(sys.stderr)
-        print("bnfix: error: --darknet-cfg needs --darknet-weights", file=sys.stderr)
-        return EXIT_ERROR
-    if args.darknet_weights and len(args.files) != 2:
-        parser.print_usage(sys.stderr)
-        print("bnfix: error: --darknet-weights/--darknet-cfg check one pair at a time", file=sys.stderr)
-        return EXIT_ERROR
-    if args.revert and (args.check or args.force):
-        parser.print_usage(sys.stderr)
-        print("bnfix: error: --revert cannot be combined with --check or --force", file=sys.stderr)
+        _error(conflict)
         return EXIT_ERROR
     try:
         options = Options(formulas.parse_source(args.source), args.target_eps, args.force)
@@ -116,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     for pp, mp in pairs:
         try:
             result = _run_pair(Path(pp), Path(mp), options, args, console, written)
+        except KeyboardInterrupt:  # temp files are already gone (atomic.write_all cleans up)
+            _error("interrupted; no output was written for the pair in progress")
+            return 130
         except BnfixError as exc:
             _error(str(exc))
             errors.append({"prototxt": pp, "caffemodel": mp, "error": str(exc)})
@@ -146,6 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _conflict(args) -> str | None:
+    """Combinations argparse cannot express, as the one-line usage error to print."""
+    if len(args.files) % 2:
+        return "files come in pairs: PROTOTXT CAFFEMODEL [PROTOTXT CAFFEMODEL ...]"
+    if args.darknet_cfg and not args.darknet_weights:
+        return "--darknet-cfg needs --darknet-weights"
+    if args.darknet_weights and len(args.files) != 2:
+        return "--darknet-weights/--darknet-cfg check one pair at a time"
+    if args.revert and (args.check or args.force):
+        return "--revert cannot be combined with --check or --force"
+    return None
+
+
 def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[Path]) -> Result:
     outs = None
     if not (args.check or args.dry_run):
@@ -162,7 +167,7 @@ def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[
     result.darknet = check
     if outs is None:
         result.compute()  # now: bad statistics are errors in --check and --dry-run too
-    if outs is not None:
+    else:
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
                     progress=_progress(console, result.caffemodel))
         written.update(out.resolve() for out in outs)
