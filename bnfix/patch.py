@@ -335,6 +335,17 @@ def stats_of(bn: caffemodel.BatchNormLayer) -> Stats:
     return Stats(bn.blobs[0].values, bn.blobs[1].values, float(bn.blobs[2].first()))
 
 
+def checked_entries(g: _Group, path: Path) -> list[caffemodel.BatchNormLayer]:
+    """The caffemodel entries of a layer about to be rewritten, each in a usable layout and with
+    a sane scale factor (duplicates of one name must all be)."""
+    for bn in g.model:
+        problem = layout_problem(bn)
+        if problem:
+            raise BnfixError(f"{path}: layer {g.name!r}: {problem}")
+        check_scale(bn.blobs[2].first(), g.name, path)
+    return g.model
+
+
 def check_scale(s: float, name: str, path: Path) -> None:
     """A negative or non-finite scale factor is corruption, whatever else happens to the layer."""
     if not math.isfinite(s) or s < 0:
@@ -380,13 +391,7 @@ def _plan_patch(g: _Group, opts: Options, model_path: Path) -> LayerPlan:
         return LayerPlan(decision.status, [], [], lambda: (_skipped_report(base, decision, first, g.marker, opts), {}))
 
     changes = ["variance recomputed"]
-    edits = []
-    for bn in g.model:
-        problem = layout_problem(bn)
-        if problem:
-            raise BnfixError(f"{model_path}: layer {g.name!r}: duplicate entries disagree: {problem}")
-        check_scale(bn.blobs[2].first(), g.name, model_path)
-        edits.append(_model_edit(bn, opts))
+    edits = [_model_edit(bn, opts) for bn in checked_entries(g, model_path)]
     if any(e.fix_scale for e in edits):
         changes.append("scale factor fixed (s=0 → 1)")
     splices = _prototxt_edits(g, opts, eps_written, changes, edits[0].undo)

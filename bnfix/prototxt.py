@@ -200,11 +200,6 @@ class Layer:
         return found[0] if found else None
 
     @property
-    def eps_text(self) -> str | None:
-        f = self.bn_field("eps")
-        return self.doc.scalar(f) if f else None
-
-    @property
     def eps(self) -> float | None:
         """The eps written in the file, or None when Caffe's default (1e-5) applies."""
         f = self.bn_field("eps")

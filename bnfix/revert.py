@@ -12,10 +12,9 @@ from pathlib import Path
 
 from . import caffemodel, prototxt
 from . import semantics as sem
-from .errors import BnfixError
 from .formulas import f32
 from .patch import (CAFFE_DEFAULT_EPS, REVERTED, SKIPPED, Entries, LayerPlan, LayerReport, Options, Result,
-                    _Group, check_scale, find_marker, layout_problem, run, stats_of)
+                    _Group, checked_entries, find_marker, run, stats_of)
 
 
 def revert(prototxt_path: str | Path, caffemodel_path: str | Path) -> Result:
@@ -32,11 +31,7 @@ def _plan_revert(g: _Group, model_path: Path) -> LayerPlan:
     marker = g.marker
     undo = dict(marker.undo)
     edits = []
-    for bn in g.model:
-        problem = layout_problem(bn)
-        if problem:
-            raise BnfixError(f"{model_path}: layer {g.name!r}: {problem}")
-        check_scale(bn.blobs[2].first(), g.name, model_path)
+    for bn in checked_entries(g, model_path):
         param, drop = _model_param(bn, undo)
         edits.append((bn, param, drop, len(bn.rebuilt({}, param, drop_param=drop))))
     splices = [sp for layer in g.proto for sp in _prototxt_undo(layer)]
