@@ -8,9 +8,9 @@
 """
 
 from .errors import BnfixError
+from .formulas import PRESETS, Formula, parse_source
 from .patch import LayerReport, Options, Result, patch
 from .revert import revert
-from .formulas import PRESETS, Formula, parse_source
 
 __version__ = "1.0.0"
 __all__ = ["BnfixError", "Formula", "LayerReport", "Options", "PRESETS", "Result", "parse_source", "patch", "revert"]

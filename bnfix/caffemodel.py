@@ -2,18 +2,20 @@
 only for BatchNorm layers.
 
 A caffemodel is one protobuf ``NetParameter``.  Decoding it whole costs seconds and gigabytes
-(a 248 MB YOLOv3 becomes ~740 MB of Python objects), yet bnfix changes a few kilobytes, so this
+(a 248 MB YOLOv3 becomes ~780 MB of Python objects), yet bnfix changes a few kilobytes, so this
 module never decodes what it does not patch.  The file is memory-mapped and walked as:
 
-* ``NetParameter``: every top-level field becomes an :class:`Entry` (number, byte range).
-  Field 100 (``layer``, a ``LayerParameter``) is looked into for ``name`` (1) and ``type`` (2)
-  only; its blobs are skipped by length.  V1 ``layers`` (field 2) cannot express BatchNorm.
+* ``NetParameter``: each ``layer`` entry (field 100, a ``LayerParameter``) becomes a
+  :class:`Layer` (offsets) with its ``name`` (1) and ``type`` (2); nothing else of it is read,
+  its blobs are skipped by length.  Other top-level fields are skipped; V1 ``layers`` (field 2)
+  cannot express BatchNorm.
 * For ``type == "BatchNorm"`` the layer is decoded: ``blobs`` (7) as ``BlobProto`` —
   ``num/channels/height/width`` (1-4), ``data`` (5, packed or not), ``shape`` (7, ``BlobShape``
-  with ``dim`` = 1), ``double_data`` (8) — and ``batch_norm_param`` (139) with the ``protobuf``
-  runtime (``BatchNormParameter``: ``use_global_stats`` 1, ``moving_average_fraction`` 2,
-  ``eps`` 3), built at import time from a descriptor so no generated code can mismatch the
-  installed runtime.
+  with ``dim`` = 1), ``double_data`` (8) — and ``batch_norm_param`` (139: ``use_global_stats``
+  1, ``moving_average_fraction`` 2, ``eps`` 3).  bnfix edits that param at the wire level (its
+  other fields keep their bytes) and reads what it wrote back with the ``protobuf`` runtime,
+  whose message class is built at import time from a descriptor, so no generated code can
+  mismatch the installed runtime.
 
 Rules, one named error each: a varint longer than 10 bytes or cut by the end of its message;
 a length that runs past its message; wire types 3/4 (groups) and 6/7; a float payload whose size
@@ -21,20 +23,21 @@ is not a multiple of the element size; a value count that disagrees with the blo
 Deliberately not checked: fields bnfix does not read (they are copied verbatim, known or not,
 e.g. a fork's field 149), duplicate layer names (the caller pairs by name), UTF-8 of names.
 
-Writing copies untouched ranges file-to-file (``os.copy_file_range``, then ``sendfile``, then a
-chunked loop) and splices in re-encoded BatchNorm layers with fresh length prefixes.
+Writing copies the untouched ranges file to file (``os.copy_file_range`` at explicit offsets in
+a background thread; else ``sendfile``; else chunks) and writes the re-encoded BatchNorm layers,
+with fresh length prefixes, at offsets planned before their contents are computed.
 """
 
 from __future__ import annotations
 
 import functools
-from array import array
 import math
 import mmap
 import os
 import struct
 import sys
 import threading
+from array import array
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -513,7 +516,7 @@ def copy_range_at(src: int, dst: int, offset: int, dst_offset: int, count: int) 
 
 class _Copier(threading.Thread):
     """Copies the untouched ranges in the background; the kernel does the work (copy_file_range
-    releases the GIL), so the caller's numpy import and arithmetic run at the same time."""
+    releases the GIL), so the caller's arithmetic runs at the same time."""
 
     def __init__(self, src: int, dst: int, copies: list[tuple[int, int, int]], progress):
         super().__init__(name="bnfix-copy", daemon=True)
@@ -542,7 +545,7 @@ def write(src: Path, size: int, layout: list[tuple[int, int, int]], entries, dst
     ``layout`` lists the replaced ranges as sorted, non-overlapping ``(start, end, new_length)``;
     ``entries()`` returns ``{start: new bytes}`` of exactly those lengths.  The output offsets
     follow from the lengths alone, so the untouched ranges are copied in a background thread
-    while ``entries()`` runs: the numpy work (and numpy's import) hides behind the copy.
+    while ``entries()`` runs: the arithmetic (and protobuf's import) hides behind the copy.
     ``progress(n)`` is called with the number of bytes copied so far.
     """
     copies, slots = [], []
@@ -563,8 +566,8 @@ def write(src: Path, size: int, layout: list[tuple[int, int, int]], entries, dst
             return
         copier = _Copier(f.fileno(), dst_fd, copies, progress)
         # The copier needs the GIL for a moment after each of its syscalls; with the default
-        # 5 ms switch interval it would wait that long behind the caller's Python work (numpy's
-        # import) for each of ~75 ranges.  A short interval for the overlap keeps it fed.
+        # 5 ms switch interval it would wait that long behind the caller's Python work for each
+        # of its ~75 ranges.  A short interval during the overlap keeps it fed.
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, 1e-4))
         copier.start()
@@ -585,7 +588,7 @@ def write(src: Path, size: int, layout: list[tuple[int, int, int]], entries, dst
 
 def _write_sequential(src: int, dst: int, copies, slots, data: dict[int, bytes], progress) -> None:
     """The portable path: one writer, in file order (sendfile or chunks for the copies)."""
-    pieces = sorted([(out, "copy", c) for c in copies for out in (c[1],)] +
+    pieces = sorted([(c[1], "copy", c) for c in copies] +
                     [(out, "data", (start, length)) for start, out, length in slots])
     done = 0
     for _, kind, item in pieces:

@@ -1,7 +1,7 @@
 """Darknet's batch-norm denominators as data: presets, hand-written formulas, float32 rounding.
 
-Pure Python on purpose (no numpy): the command line parses ``--source`` and plans a whole run
-before numpy is imported, so the import can overlap the file copy (see ``caffemodel.write``).
+The formula itself is evaluated in ``semantics.darknet_denominator``; this module is what the
+command line needs to parse ``--source`` and what a marker comment names.
 """
 
 from __future__ import annotations

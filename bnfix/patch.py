@@ -52,8 +52,9 @@ def find_marker(layer: prototxt.Layer) -> tuple[Marker, int, int] | None:
     doc = layer.doc
     line_start = doc.line_start(layer.field.start)
     for tok in doc.comments_between(line_start, doc.line_end(layer.field.start)):
-        text = doc.text[tok.start - 2 : tok.end] if doc.text[tok.start - 2 : tok.start] == "  " else ""
-        m = _MARKER.search(doc.text, tok.start - 2 if text else tok.start, tok.end)
+        # The marker starts with the two spaces bnfix writes before it: outside the comment
+        # token when it stands alone, inside it when appended to an existing comment.
+        m = _MARKER.search(doc.text, max(tok.start - 2, line_start), tok.end)
         if m:
             try:
                 formula = parse_source(m["expr"])
