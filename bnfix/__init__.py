@@ -5,12 +5,52 @@
     for layer in result.layers:
         print(layer.name, layer.status, layer.err_before, layer.err_after)
     result.save("fixed.prototxt", "fixed.caffemodel")
+
+The names below are loaded on first use, so that ``bnfix`` (the command) starts fast.
 """
 
-from .errors import BnfixError
-from .formulas import PRESETS, Formula, parse_source
-from .patch import LayerReport, Options, Result, patch
-from .revert import revert
+from __future__ import annotations
 
-__version__ = "1.0.0"
-__all__ = ["BnfixError", "Formula", "LayerReport", "Options", "PRESETS", "Result", "parse_source", "patch", "revert"]
+from typing import TYPE_CHECKING, Any
+
+__version__ = "2.0.0"
+__all__ = [
+    "PRESETS",
+    "TARGETS",
+    "BnfixError",
+    "Formula",
+    "LayerReport",
+    "Options",
+    "Result",
+    "Status",
+    "StrategyName",
+    "parse_source",
+    "patch",
+    "revert",
+    "targets",
+]
+
+_WHERE = {
+    "BnfixError": "errors", "Formula": "formulas", "PRESETS": "formulas", "parse_source": "formulas",
+    "LayerReport": "result", "Options": "result", "Status": "result", "StrategyName": "result",
+    "Result": "pipeline", "patch": "pipeline", "revert": "pipeline", "TARGETS": "targets",
+}
+
+if TYPE_CHECKING:
+    from . import targets
+    from .errors import BnfixError
+    from .formulas import PRESETS, Formula, parse_source
+    from .pipeline import Result, patch, revert
+    from .result import LayerReport, Options, Status, StrategyName
+    from .targets import TARGETS
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name == "targets":
+        return importlib.import_module(".targets", __name__)
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'bnfix' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{where}", __name__), name)

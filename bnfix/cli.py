@@ -1,72 +1,113 @@
-"""The ``bnfix`` command: arguments, output paths, exit codes; the work happens in ``patch``.
+"""The ``bnfix`` command: arguments, which pairs, output paths, locks, exit codes.
 
-Exit codes: 0 success (also ``--dry-run``, and ``--check`` finding nothing to do), 1 only for
-``--check`` finding work, 2 for any usage or input error.  Every ``BnfixError`` becomes one
-``bnfix: error: ...`` line on stderr.  rich is imported only when something is rendered, so
-``--quiet`` runs in a pipeline pay nothing for it.
+Exit codes: 0 success (also ``--dry-run``, and ``--check`` finding nothing to do); 1 only for
+``--check`` finding work; 2 for any usage or input error (one ``bnfix: error: ...`` line each);
+3 for a bug in bnfix (one line asking for a report; ``BNFIX_DEBUG=1`` adds the traceback);
+128 + N when signal N (SIGINT, SIGTERM, SIGHUP) stopped it, with a line saying what is on disk.
+
+This module imports almost nothing at start-up, so that a Ctrl-C while Python is still loading
+bnfix is caught here too; rich is imported only when something is rendered.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import __version__, atomic
-from . import formulas
-from .errors import BnfixError
-from .patch import Options, Result, patch
-from .revert import revert
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterator
 
-EXIT_OK, EXIT_WORK, EXIT_ERROR = 0, 1, 2
+    from rich.console import Console
 
-_EPILOG = """\
-sources (the Darknet whose output the Caffe model must reproduce):
-  pjreddie-cpu  sqrt(var) + 1e-6    pjreddie/darknet CPU build (default)
-  pjreddie-gpu  sqrt(var + 1e-5)    pjreddie/darknet GPU build (since 2017-03)
-  alexeyab      sqrt(var + 1e-5)    AlexeyAB / hank-ai darknet today, CPU and GPU
-  opencv        sqrt(var + 1e-6)    OpenCV's readNetFromDarknet
-  "sqrt(var+A)+B"                    any other build, by hand
+    from .pipeline import Result
 
-exit codes: 0 success, 1 --check found layers to patch, 2 usage or input error
-"""
+EXIT_OK, EXIT_WORK, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
+_ISSUES = "https://github.com/bnfix/bnfix/issues"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run bnfix; never raises (every outcome is an exit code and at most a few lines)."""
+    try:
+        from . import commit
+
+        commit.install_signal_handlers()
+        return _main(argv)
+    except KeyboardInterrupt as exc:  # also SIGTERM/SIGHUP, turned into this by commit
+        return _interrupted(exc)
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for BNFIX_DEBUG
+        if os.environ.get("BNFIX_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"bnfix: internal error: {type(exc).__name__}: {exc} (a bug in bnfix: please report it "
+              f"with the command you ran at {_ISSUES}; BNFIX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    from . import commit
+
+    if isinstance(exc, commit.Interrupted):
+        _error(str(exc))
+        return exc.exit_code
+    signum = getattr(exc, "signum", 2)
+    _error("interrupted; nothing was written for the pair in progress")
+    return 128 + signum
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bnfix",
-        description="Fix BatchNorm eps/variance in Caffe models converted from Darknet, losslessly.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    import argparse
+
+    from . import __version__, targets
+
+    epilog = (
+        "paths: a directory (every model pair under it), a .prototxt followed by its .caffemodel,\n"
+        "or one file of a pair (its partner is found by the directory rules; see the README)\n\n"
+        "targets (the runtime the model will run in; --strategy/--target-eps override):\n"
+        + "".join(f"  {t.name:11} {t.strategy.value:5}  {t.runtime}\n" for t in targets.TARGETS.values())
+        + "\nsources (the Darknet whose output the Caffe model must reproduce):\n"
+        "  pjreddie-cpu  sqrt(var) + 1e-6    pjreddie/darknet CPU build (default)\n"
+        "  pjreddie-gpu  sqrt(var + 1e-5)    pjreddie/darknet GPU build (since 2017-03)\n"
+        "  alexeyab      sqrt(var + 1e-5)    AlexeyAB / hank-ai darknet today, CPU and GPU\n"
+        "  opencv        sqrt(var + 1e-6)    OpenCV's readNetFromDarknet\n"
+        "  \"sqrt(var+A)+B\"                    any other build, by hand\n\n"
+        "exit codes: 0 success, 1 --check found work, 2 usage or input error, 3 bug in bnfix,\n"
+        "128+N stopped by signal N\n"
     )
-    p.add_argument("files", nargs="+", metavar="PROTOTXT CAFFEMODEL",
-                   help="one or more pairs: a .prototxt followed by its .caffemodel")
+    p = argparse.ArgumentParser(
+        prog="bnfix", description="Fix BatchNorm eps/variance in Caffe models converted from Darknet, losslessly.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="directories, PROTOTXT CAFFEMODEL pairs, or single files")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
-                       help="write both outputs into DIR under the inputs' own names (created if missing)")
-    where.add_argument("--in-place", action="store_true",
-                       help="replace the inputs, keeping <file>.orig backups")
+    where.add_argument("-o", "--output-dir", metavar="DIR",
+                       help="write outputs into DIR (mirroring the tree for directory arguments)")
+    where.add_argument("--in-place", action="store_true", help="replace the inputs, keeping <file>.orig backups")
     where.add_argument("--check", action="store_true",
-                       help="write nothing; exit 1 if any BatchNorm layer needs patching, else 0")
+                       help="write nothing; exit 1 if any pair needs work (one line per such pair), else 0")
     where.add_argument("--dry-run", action="store_true", help="print the full summary, write nothing")
-    p.add_argument("--source", default=formulas.DEFAULT_SOURCE, metavar="NAME",
-                   help="Darknet formula to reproduce: pjreddie-cpu (default), pjreddie-gpu, alexeyab, "
-                        "opencv, or 'sqrt(var+A)+B'")
-    p.add_argument("--target-eps", type=float, default=1e-6, metavar="EPS",
-                   help="eps to store in the model (default 1e-6; NVCaffe and cuDNN<7.6.5 need >= 1e-5)")
-    p.add_argument("--revert", action="store_true",
-                   help="undo an earlier bnfix patch (original variance, eps and use_global_stats)")
+    p.add_argument("--target", metavar="NAME", help=f"runtime the model will run in (default {targets.DEFAULT_TARGET})")
+    p.add_argument("--strategy", metavar="NAME", help="eps (refit the variance) or scale (fold into the Scale layer)")
+    p.add_argument("--source", metavar="NAME", help="Darknet formula to reproduce (default pjreddie-cpu)")
+    p.add_argument("--target-eps", type=float, metavar="EPS", help="eps to store (eps strategy default 1e-6)")
     p.add_argument("--force", action="store_true",
                    help="patch layers that look already patched or not converted from Darknet")
-    p.add_argument("--darknet-weights", type=Path, metavar="FILE",
+    p.add_argument("--revert", action="store_true", help="undo an earlier bnfix patch, from its markers")
+    p.add_argument("--find-partners", action="store_true",
+                   help="every file argument stands alone: find its partner by the directory rules "
+                        "(for hooks that pass the changed files)")
+    p.add_argument("--darknet-weights", metavar="FILE",
                    help="the original .weights: report its writer and warn if --source does not fit it")
-    p.add_argument("--darknet-cfg", type=Path, metavar="FILE",
+    p.add_argument("--darknet-cfg", metavar="FILE",
                    help="with --darknet-weights: compare every BatchNorm layer's statistics with Darknet's")
     p.add_argument("--no-sync", action="store_true",
                    help="do not fsync outputs before renaming them (faster; a power cut may leave them empty)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for another bnfix working on the same files (default 60; 0: fail at once)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
+    p.add_argument("-v", "--verbose", action="store_true", help="the per-layer table for every pair")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the summary (auto: only on a terminal, never under NO_COLOR)")
@@ -74,7 +115,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _conflict(args: argparse.Namespace) -> str | None:
+    """Combinations argparse cannot express, as the one-line usage error to print."""
+    if args.darknet_cfg and not args.darknet_weights:
+        return "--darknet-cfg needs --darknet-weights"
+    if args.revert:
+        given = [flag for flag, value in (("--source", args.source), ("--target-eps", args.target_eps),
+                                          ("--force", args.force), ("--target", args.target),
+                                          ("--strategy", args.strategy), ("--check", args.check),
+                                          ("--darknet-weights", args.darknet_weights)) if value not in (None, False)]
+        if given:
+            return (f"--revert cannot be combined with {', '.join(given)}: a revert restores what the "
+                    "markers recorded")
+    if args.wait < 0 or args.wait != args.wait:
+        return "--wait must be a number of seconds >= 0"
+    return None
+
+
+class Job(NamedTuple):
+    """One pair to process, and where its outputs go (None: --check/--dry-run)."""
+
+    prototxt: Path
+    caffemodel: Path
+    outputs: tuple[Path, Path] | None
+
+
+def _main(argv: list[str] | None) -> int:
+    from . import targets
+    from .errors import BnfixError
+
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -86,116 +155,291 @@ def main(argv: list[str] | None = None) -> int:
         _error(conflict)
         return EXIT_ERROR
     try:
-        options = Options(formulas.parse_source(args.source), args.target_eps, args.force)
-    except (ValueError, BnfixError) as exc:
-        print(f"bnfix: error: {exc}", file=sys.stderr)
+        from .formulas import DEFAULT_SOURCE, parse_source
+
+        try:
+            source = parse_source(args.source or DEFAULT_SOURCE)
+        except ValueError as exc:
+            raise BnfixError(str(exc)) from None
+        options = targets.resolve(args.target, args.strategy, args.target_eps, source, args.force)
+        run = _Run(args, options)
+        if args.darknet_weights and run.single is None:
+            raise BnfixError("--darknet-weights/--darknet-cfg check one pair at a time")
+        return run.all()
+    except BnfixError as exc:
+        _error(str(exc))
         return EXIT_ERROR
 
-    console = None if args.quiet else _console(args)
-    results: list[Result] = []
-    errors: list[dict] = []
-    code = EXIT_OK
-    pairs = list(zip(args.files[::2], args.files[1::2]))
-    if args.json and args.json != "-":
-        clash = next((f for f in args.files if _same(Path(args.json), Path(f))), None)
-        if clash:
-            _error(f"{args.json}: the JSON report would overwrite the input {clash}")
-            return EXIT_ERROR
-    written: set[Path] = set()
-    for pp, mp in pairs:
-        try:
-            result = _run_pair(Path(pp), Path(mp), options, args, console, written)
-        except KeyboardInterrupt:  # temp files are already gone (atomic.write_all cleans up)
-            _error("interrupted; no output was written for the pair in progress")
-            return 130
-        except BnfixError as exc:
-            _error(str(exc))
-            errors.append({"prototxt": pp, "caffemodel": mp, "error": str(exc)})
-            code = EXIT_ERROR
-            continue
-        except OSError as exc:
-            msg = f"{exc.filename or mp}: {exc.strerror or exc}"
-            _error(msg)
-            errors.append({"prototxt": pp, "caffemodel": mp, "error": msg})
-            code = EXIT_ERROR
-            continue
-        results.append(result)
-        if args.check and result.needs_work:
-            code = max(code, EXIT_WORK)
-        if console is not None:
-            from . import report
 
-            console.print(report.table(result))
-            console.print()
-    if console is not None and len(pairs) > 1:
+class _Run:
+    """One invocation: the pairs it finds, each processed and reported as soon as it is found."""
+
+    def __init__(self, args: argparse.Namespace, options: Any):
+        self.args, self.options = args, options
+        self.out_dir = Path(args.output_dir) if args.output_dir else None
+        self.console = None if args.quiet else _console(args)
+        self.written: set[Path] = set()
+        self.seen: set[tuple[str, str]] = set()
+        self.code = EXIT_OK
+        self.failed = self.unpaired = 0
         from . import report
 
-        t = report.totals(results)
-        console.print(f"[bold]total:[/] {len(results)} of {len(pairs)} pairs done, {t['patched']} layers patched, "
-                      f"{t['skipped']} skipped, {t['up_to_date']} up to date, {len(errors)} failed")
-    if args.json:
-        code = max(code, _write_json(args.json, results, errors))
-    return code
+        self.totals = report.Totals()
+        self.json = _JsonSink(args.json) if args.json else None
+        if self.json is not None:  # the files named on the command line, before any work
+            self.json.refuse_overlap(tuple(Path(p) for p in args.paths if not Path(p).is_dir()))
+        self.single = self._single()
 
+    def _single(self) -> tuple[Path, Path] | None:
+        """The one explicit pair when the command line names exactly one (a table is shown)."""
+        paths = [Path(p) for p in self.args.paths]
+        if len(paths) == 2 and not self.args.find_partners and not any(p.is_dir() for p in paths):
+            return paths[0], paths[1]
+        if len(paths) == 1 and not paths[0].is_dir():
+            return None if not paths[0].exists() else self._lone_partner(paths[0])
+        return None
 
-def _conflict(args) -> str | None:
-    """Combinations argparse cannot express, as the one-line usage error to print."""
-    if len(args.files) % 2:
-        return "files come in pairs: PROTOTXT CAFFEMODEL [PROTOTXT CAFFEMODEL ...]"
-    if args.darknet_cfg and not args.darknet_weights:
-        return "--darknet-cfg needs --darknet-weights"
-    if args.darknet_weights and len(args.files) != 2:
-        return "--darknet-weights/--darknet-cfg check one pair at a time"
-    if args.revert and (args.check or args.force):
-        return "--revert cannot be combined with --check or --force"
-    return None
+    def _lone_partner(self, path: Path) -> tuple[Path, Path] | None:
+        from . import discover
 
+        found = discover.pair_of(path)
+        return (found.prototxt, found.caffemodel) if isinstance(found, discover.Pair) else None
 
-def _run_pair(pp: Path, mp: Path, options: Options, args, console, written: set[Path]) -> Result:
-    outs = None
-    if not (args.check or args.dry_run):
-        outs = output_paths(pp, mp, args.output_dir, args.in_place)
-        for out in outs:
-            if out.resolve() in written:
-                raise BnfixError(f"{out}: already written by an earlier pair of this run")
-    check = None
-    if args.darknet_weights:
-        from .crosscheck import crosscheck
+    # -- finding the pairs ---------------------------------------------------------------
+    def jobs(self) -> Iterator[Job | tuple[str, bool]]:
+        """Pairs in command-line order; unpaired files as (line, is_error)."""
+        from . import discover
 
-        check = crosscheck(pp, mp, args.darknet_weights, args.darknet_cfg, options.source)
-    result = revert(pp, mp) if args.revert else patch(pp, mp, options)
-    result.darknet = check
-    if outs is None:
-        result.compute()  # now: bad statistics are errors in --check and --dry-run too
-    else:
+        exclude = [self.out_dir] if self.out_dir is not None else []
+        files: list[Path] = []
+        for raw in self.args.paths:
+            path = Path(raw)
+            if path.is_dir():
+                yield from self._files(files)
+                files = []
+                for found in discover.walk(path, exclude=exclude):
+                    if isinstance(found, discover.Pair):
+                        yield self._job(found.prototxt, found.caffemodel, found.rel)
+                    else:
+                        yield f"{found.path}: {found.reason}", found.kind is discover.Why.ERROR
+            else:
+                files.append(path)
+        yield from self._files(files)
+
+    def _files(self, files: list[Path]) -> Iterator[Job | tuple[str, bool]]:
+        """File arguments two at a time (PROTOTXT CAFFEMODEL); a file alone (or every file with
+        --find-partners) gets its partner from the directory rules."""
+        from . import discover
+
+        step = 1 if self.args.find_partners else 2
+        i = 0
+        while i < len(files):
+            if step == 2 and i + 1 < len(files):
+                yield self._job(files[i], files[i + 1], None)
+                i += 2
+                continue
+            if not os.path.lexists(files[i]):
+                yield f"{files[i]}: no such file", True
+                i += 1
+                continue
+            found = discover.pair_of(files[i])
+            if isinstance(found, discover.Pair):
+                yield self._job(found.prototxt, found.caffemodel, None)
+            else:
+                yield f"{found.path}: {found.reason}", found.kind is not discover.Why.SKIPPED
+            i += 1
+
+    def _job(self, pp: Path, mp: Path, rel: Path | None) -> Job:
+        return Job(pp, mp, None if self.args.check or self.args.dry_run else self._outputs(pp, mp, rel))
+
+    def _outputs(self, pp: Path, mp: Path, rel: Path | None) -> tuple[Path, Path]:
+        """Where a pair goes: beside the inputs as ``<stem>.bnfix<ext>``, into DIR (mirroring
+        ``rel``), or in place."""
+        if self.args.in_place:
+            return pp, mp
+        if self.out_dir is not None:
+            base = self.out_dir / rel if rel is not None else self.out_dir
+            return base / pp.name, base / mp.name
+        return pp.with_name(f"{pp.stem}.bnfix{pp.suffix}"), mp.with_name(f"{mp.stem}.bnfix{mp.suffix}")
+
+    # -- the run -------------------------------------------------------------------------
+    def all(self) -> int:
+        from .errors import BnfixError
+
+        if self.out_dir is not None and self.out_dir.exists() and not self.out_dir.is_dir():
+            raise BnfixError(f"{self.out_dir}: exists and is not a directory")
+        progress = _Progress(self.console) if self.single is None else None
+        try:
+            self._each(progress)
+        except BaseException:
+            if self.json is not None:
+                self.json.discard()
+            raise
+        finally:
+            if progress is not None:
+                progress.stop()
+        if self.console is not None and self.single is None:
+            from . import report
+
+            self._print(report.run_line(self.totals, self.failed, self.unpaired))
+        if self.json is not None:
+            self.code = max(self.code, self.json.close(self.totals, self.written))
+        return self.code
+
+    def _each(self, progress: _Progress | None) -> None:
+        for job in self.jobs():
+            if not isinstance(job, Job):
+                self._unpaired(*job)
+                continue
+            key = (os.path.realpath(job.prototxt), os.path.realpath(job.caffemodel))
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            if progress is not None:
+                progress.step(job.prototxt)
+            self._one(job)
+
+    def _unpaired(self, line: str, is_error: bool) -> None:
+        if is_error:
+            _error(line)
+            self.code = max(self.code, EXIT_ERROR)
+            self.failed += 1
+            if self.json is not None:
+                self.json.error(line, None, None)
+            return
+        self.unpaired += 1
+        if self.json is not None:
+            self.json.unpaired(line)
+        if self.console is not None and not self.args.check:
+            self._print(f"unpaired: {line}")
+
+    def _one(self, job: Job) -> None:
+        from .errors import BnfixError
+
+        try:
+            result = self._process(job)
+        except BnfixError as exc:
+            self._failed(job, str(exc))
+            return
+        except OSError as exc:
+            self._failed(job, f"{exc.filename or job.caffemodel}: {exc.strerror or exc}")
+            return
+        try:
+            self._report(result)
+        finally:
+            result.close()
+
+    def _failed(self, job: Job, message: str) -> None:
+        _error(message)
+        self.failed += 1
+        self.code = max(self.code, EXIT_ERROR)
+        if self.json is not None:
+            self.json.error(message, job.prototxt, job.caffemodel)
+
+    def _process(self, job: Job) -> Result:
+        from . import commit, lock, pipeline
+
+        args = self.args
+        outs = job.outputs
+        inputs = (job.prototxt, job.caffemodel)
+        if outs is not None:
+            self._check_outputs(job, outs)
+        if self.json is not None:
+            self.json.refuse_overlap(inputs + (outs or ()) + _backups(outs, args.in_place))
+        exclusive = outs or ()
+        shared = [p for p in inputs if outs is None or not any(_same(p, o) for o in outs)]
+        owner = f"writing {outs[0]} and {outs[1]}" if outs else f"reading {inputs[0]} and {inputs[1]}"
+        created: list[Path] = []  # output directories made here: removed again if the pair fails
+        try:
+            for out in outs or ():
+                created += commit.make_dirs(out.parent)
+            with lock.acquire(exclusive=exclusive, shared=shared, wait=args.wait, owner=owner):
+                for out in outs or ():
+                    for stale in commit.sweep(out):
+                        self._note(f"removed {stale}, left by an interrupted bnfix")
+                result = pipeline.revert(*inputs) if args.revert else pipeline.run(
+                    *inputs, self.options, pipeline.Mode.PATCH)
+                try:
+                    self._finish(job, result, outs)
+                except BaseException:
+                    result.close()
+                    raise
+        except BaseException:
+            commit.remove_dirs(created)
+            raise
+        return result
+
+    def _finish(self, job: Job, result: Result, outs: tuple[Path, Path] | None) -> None:
+        """Cross-check, then save (or, for --check and --dry-run, only apply and verify)."""
+        args = self.args
+        if args.darknet_weights:
+            from .crosscheck import crosscheck
+
+            result.darknet = crosscheck(job.prototxt, job.caffemodel, Path(args.darknet_weights),
+                                        Path(args.darknet_cfg) if args.darknet_cfg else None, self.options.source)
+        if outs is None:
+            result.apply()  # bad statistics are errors in --check and --dry-run too
+            return
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
-                    progress=_progress(console, result.caffemodel))
-        written.update(out.resolve() for out in outs)
-    return result
+                    progress=_bytes_progress(self.console, job.caffemodel) if self.single else None, lock=False)
+        self.written.update(Path(os.path.realpath(o)) for o in outs)
+
+    def _check_outputs(self, job: Job, outs: tuple[Path, Path]) -> None:
+        from .errors import UsageError
+
+        for out in outs:
+            if Path(os.path.realpath(out)) in self.written:
+                raise UsageError(f"{out}: already written by an earlier pair of this run")
+            if not self.args.in_place:
+                for src in (job.prototxt, job.caffemodel):
+                    if _same(out, src):
+                        raise UsageError(f"{out}: output path is an input file (use --in-place to replace inputs)")
+        if _same(outs[0], outs[1]):
+            raise UsageError(f"{outs[0]}: both outputs would get the same path")
+
+    def _report(self, result: Result) -> None:
+        from . import report
+
+        args = self.args
+        layers = result.layers if (self.console is not None or self.json is not None) else []
+        if self.console is not None or self.json is not None:
+            self.totals.add(layers)
+        else:
+            self.totals.counts["pairs"] += 1
+        if args.check and result.needs_work:
+            self.code = max(self.code, EXIT_WORK)
+        if self.json is not None:
+            self.json.pair(report.pair_dict(result))
+        if self.console is None:
+            return
+        if self.single is not None or args.verbose:
+            self.console.print(report.table(result))
+            self.console.print()
+        elif not args.check or result.needs_work:
+            self._print(report.pair_line(result))
+            for line in report.deviation_lines(result.deviations()) if result.mode.value == "patch" else []:
+                self._print(f"  note: {line}")
+
+    def _print(self, line: str) -> None:
+        from rich.markup import escape
+
+        assert self.console is not None
+        self.console.print(escape(line), highlight=False)
+
+    def _note(self, line: str) -> None:
+        if self.console is not None:
+            self._print(f"note: {line}")
 
 
-def output_paths(pp: Path, mp: Path, out_dir: Path | None, in_place: bool) -> tuple[Path, Path]:
-    """Where the pair goes: beside the inputs as ``<stem>.bnfix<ext>``, into DIR, or in place."""
-    if in_place:
-        return pp, mp
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise BnfixError(f"{out_dir}: exists and is not a directory")
-        outs = (out_dir / pp.name, out_dir / mp.name)
-    else:
-        outs = tuple(p.with_name(f"{p.stem}.bnfix{p.suffix}") for p in (pp, mp))
-    for out in outs:
-        for src in (pp, mp):
-            if _same(out, src):
-                raise BnfixError(f"{out}: output path is an input file (use --in-place to replace inputs)")
-    if _same(outs[0], outs[1]):
-        raise BnfixError(f"{outs[0]}: both outputs would get the same path")
-    return outs
+def _backups(outs: tuple[Path, Path] | None, in_place: bool) -> tuple[Path, ...]:
+    if outs is None or not in_place:
+        return ()
+    return tuple(o.with_name(o.name + ".orig") for o in outs)
 
 
 def _same(a: Path, b: Path) -> bool:
     try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+        return os.path.realpath(a) == os.path.realpath(b) or (a.exists() and b.exists() and a.samefile(b))
     except OSError:
         return False
 
@@ -204,27 +448,57 @@ def _error(message: str) -> None:
     print(f"bnfix: error: {message}", file=sys.stderr)
 
 
-def _console(args):
+def _console(args: argparse.Namespace) -> Console:
     from rich.console import Console
 
     stream = sys.stderr if args.json == "-" else sys.stdout
     color = {"always": True, "never": False}.get(args.color)
     no_color = color is False or (color is None and bool(os.environ.get("NO_COLOR")))
     # NO_COLOR means no ANSI styling at all (rich's own no_color would keep bold and dim).
+    extra: dict[str, Any] = {"color_system": None} if no_color else {}
     console = Console(file=stream, force_terminal=color, no_color=no_color, highlight=False,
-                      soft_wrap=False, **({"color_system": None} if no_color else {}))
+                      soft_wrap=False, **extra)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 160
     return console
 
 
-def _progress(console, path: Path):
+class _Progress:
+    """A transient bar over the pairs of a run, on a terminal only (never on a pipe, nor -q)."""
+
+    def __init__(self, console: Console | None):
+        self.console = console if console is not None and console.is_terminal else None
+        self.bar: Any = None
+        self.task: Any = None
+        self.done = 0
+
+    def step(self, path: Path) -> None:
+        if self.console is None:
+            return
+        if self.bar is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn
+
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.completed} pair(s)"), TextColumn("{task.description}"),
+                                console=self.console, transient=True)
+            self.task = self.bar.add_task(str(path), total=None)
+            self.bar.start()
+        self.bar.update(self.task, completed=self.done, description=str(path))
+        self.done += 1
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _bytes_progress(console: Console | None, path: Path) -> Any:
     """A progress callback that shows a bar only on a terminal once the copy has taken > 1 s."""
     if console is None or not console.is_terminal:
         return None
+    import time
+
     total = path.stat().st_size
     start = time.monotonic()
-    state: dict = {}
+    state: dict[str, Any] = {}
 
     def update(done: int) -> None:
         if "bar" not in state:
@@ -242,18 +516,98 @@ def _progress(console, path: Path):
     return update
 
 
-def _write_json(target: str, results: list[Result], errors: list[dict]) -> int:
-    import json
+class _JsonSink:
+    """The ``--json`` report, streamed pair by pair (memory stays flat over a large tree) into a
+    temp file renamed into place at the end (``-``: stdout)."""
 
-    from . import report
+    def __init__(self, target: str):
+        self.target = target
+        self.path = None if target == "-" else Path(target)
+        self.errors: list[dict[str, Any]] = []
+        self.unpaired_files: list[str] = []
+        self.forbidden: set[str] = set()
+        self.count = 0
+        self._tmp: Any = None
+        self._fd: int | None = None
 
-    text = json.dumps(report.to_json(results, errors), indent=2) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
+    def refuse_overlap(self, paths: tuple[Path, ...]) -> None:
+        """Refuse a report path that is an input, output or backup of a pair (checked for every
+        pair before it is written, and once more before the report itself is)."""
+        from .errors import UsageError
+
+        if self.path is None:
+            return
+        for p in paths:
+            self.forbidden.add(os.path.realpath(p))
+            if _same(self.path, p) or os.path.realpath(self.path) == os.path.realpath(p):
+                raise UsageError(f"{self.target}: the JSON report would overwrite {p}")
+
+    def _write(self, text: str) -> None:
+        if self.path is None:
+            sys.stdout.write(text)
+            return
+        if self._fd is None:
+            from . import commit
+
+            self._tmp = commit.temp_name(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        _write_all(self._fd, text.encode())
+
+    def _head(self) -> str:
+        import json
+
+        from . import __version__
+
+        return f'{{"bnfix": {json.dumps(__version__)},\n"pairs": ['
+
+    def pair(self, data: dict[str, Any]) -> None:
+        import json
+
+        self._write((self._head() + "\n" if self.count == 0 else ",\n") + json.dumps(data, indent=2))
+        self.count += 1
+
+    def error(self, message: str, prototxt: Path | None, caffemodel: Path | None) -> None:
+        self.errors.append({"prototxt": None if prototxt is None else str(prototxt),
+                            "caffemodel": None if caffemodel is None else str(caffemodel), "error": message})
+
+    def unpaired(self, line: str) -> None:
+        self.unpaired_files.append(line)
+
+    def close(self, totals: Any, written: set[Path]) -> int:
+        import json
+
+        if self.path is not None and (os.path.realpath(self.path) in self.forbidden
+                                      or Path(os.path.realpath(self.path)) in written):
+            _error(f"{self.target}: the JSON report would overwrite a file of this run")
+            self.discard()
+            return EXIT_ERROR
+        tail = (("" if self.count else self._head()) + "\n],\n"
+                f'"errors": {json.dumps(self.errors, indent=2)},\n'
+                f'"unpaired": {json.dumps(self.unpaired_files, indent=2)},\n'
+                f'"totals": {json.dumps(totals.as_dict(), indent=2)}}}\n')
+        try:
+            self._write(tail)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                os.replace(self._tmp, self.path)  # type: ignore[arg-type]
+        except OSError as exc:
+            _error(f"{self.target}: cannot write: {exc.strerror or exc}")
+            self.discard()
+            return EXIT_ERROR
         return EXIT_OK
-    try:
-        atomic.write_all([(Path(target), text.encode())])
-    except BnfixError as exc:
-        _error(str(exc))
-        return EXIT_ERROR
-    return EXIT_OK
+
+    def discard(self) -> None:
+        """Remove the unfinished report (a failed or interrupted run leaves none)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

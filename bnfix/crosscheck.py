@@ -12,16 +12,18 @@ lets us recover.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from . import caffemodel, darknet, prototxt
+from . import caffemodel, darknet, pairing, prototxt
 from . import semantics as sem
 from .errors import BnfixError
 from .formulas import DEFAULT_SOURCE, PRESETS, Formula
-from .patch import layout_problem, pair_layers, stats_of
+from .marker import Marker
+from .plan import layout_problem, stats_of
+from .strategies import Stats
 
 EXACT, ROUNDING, RECOVERED, MISMATCH, OUT_OF_ORDER, CHANNELS, MISSING = (
     "exact", "match (float32 rounding of blob/s)", "match (recovered from the bnfix patch)",
@@ -35,8 +37,7 @@ _FITS = {
 }
 
 
-@dataclass(frozen=True)
-class LayerCheck:
+class LayerCheck(NamedTuple):
     caffe: str
     darknet_index: int | None  # Darknet layer number (cfg section order), None if unmatched
     darknet_line: int
@@ -51,8 +52,7 @@ class LayerCheck:
         return self.status in _OK
 
 
-@dataclass(frozen=True)
-class CrossCheck:
+class CrossCheck(NamedTuple):
     weights: Path
     cfg: Path | None
     header: darknet.WeightsHeader
@@ -88,18 +88,18 @@ def crosscheck(prototxt_path, caffemodel_path, weights_path, cfg_path=None,
     header, dn_layers = darknet.read_bn_layers(cfg_path, weights)
     doc = prototxt.read(prototxt_path)
     with caffemodel.Model(caffemodel_path) as model:
-        groups, _ = pair_layers(doc, model)
+        groups, _ = pairing.pair(doc, model)
         checks = _compare(groups, dn_layers)
     return CrossCheck(weights, Path(cfg_path), header, source_warning(header, source), tuple(checks))
 
 
-def _compare(groups, dn_layers: list[darknet.DarknetBN]) -> list[LayerCheck]:
+def _compare(groups: list[pairing.Group], dn_layers: list[darknet.DarknetBN]) -> list[LayerCheck]:
     out = []
     for i, g in enumerate(groups):
-        problem = layout_problem(g.model[0])
+        problem = layout_problem(g.entries[0])
         if problem:
             raise BnfixError(f"layer {g.name!r}: {problem}")
-        st = stats_of(g.model[0])
+        st = stats_of(g.entries[0], None)
         channels = len(st.var)
         if i >= len(dn_layers):
             out.append(LayerCheck(g.name, None, 0, channels, MISSING,
@@ -129,13 +129,12 @@ def _compare(groups, dn_layers: list[darknet.DarknetBN]) -> list[LayerCheck]:
     return out
 
 
-def _match(st, marker, dn: darknet.DarknetBN) -> tuple[str, float, float]:
+def _match(st: Stats, marker: Marker | None, dn: darknet.DarknetBN) -> tuple[str, float, float]:
     """How the Caffe layer's effective statistics compare with one Darknet layer's."""
     s = st.s if st.s not in (0.0, 1.0) else 1.0
-    if marker is not None:
+    var: sem.Floats = st.var
+    if marker is not None and marker.strategy.value == "eps":
         var, _ = sem.unpatched_variance(st.var, 1.0 if st.s == 0 else st.s, marker.formula, marker.eps)
-    else:
-        var = st.var
     mean_eff = np.asarray(st.mean, np.float64) / s
     var_eff = np.asarray(var, np.float64) / s
     dm = float(np.max(np.abs(mean_eff - dn.mean), initial=0))

@@ -84,7 +84,7 @@ class Held:
     def __init__(self, locks: Iterable[Lock]):
         self.locks = tuple(locks)
 
-    def __enter__(self) -> Held:  # noqa: PYI034 (Held is not meant to be subclassed)
+    def __enter__(self) -> Held:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

@@ -50,7 +50,7 @@ _EOF = Token("eof", -1, -1, "")
 class Field:
     """``name: value`` or ``name { ... }``; spans are offsets into the document text."""
 
-    __slots__ = ("name", "start", "end", "value", "value_tokens")
+    __slots__ = ("end", "name", "start", "value", "value_tokens")
 
     def __init__(self, name: str, start: int, end: int):
         self.name, self.start, self.end = name, start, end  # end: one past the value
@@ -61,7 +61,7 @@ class Field:
 class Message:
     """A ``{ ... }`` block: offsets of its braces (-1 and len(text) for the document)."""
 
-    __slots__ = ("open", "close", "fields")
+    __slots__ = ("close", "fields", "open")
 
     def __init__(self, open_: int, close: int):
         self.open, self.close = open_, close
@@ -390,11 +390,10 @@ def parse(text: str, path: str = "<prototxt>") -> Document:
 
 def read(path: str | Path) -> Document:
     """Read and parse; bytes that are not text (a caffemodel, say) are refused up front."""
+    from .files import read_regular
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise BnfixError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    raw = read_regular(p)
     if b"\0" in raw[:4096]:
         raise BnfixError(f"{p}: not a text prototxt (binary data; is it a caffemodel?)")
     try:
@@ -404,3 +403,24 @@ def read(path: str | Path) -> Document:
     if text.startswith("\ufeff"):
         raise BnfixError(f"{p}: starts with a byte-order mark, which Caffe's parser rejects")
     return Document(text, str(p))
+
+
+# TEMPORARY shim until the prototxt helper lands its API (dev worktree only)
+def _shim() -> None:
+    def _names(self, key):  # type: ignore[no-untyped-def]
+        return [self.doc.string(f) or "" for f in self.body.all(key)]
+
+    def param_field(self, block, name):  # type: ignore[no-untyped-def]
+        fs = self.body.all(block)
+        if not fs or fs[0].value is None:
+            return None
+        found = fs[0].value.all(name)
+        return found[0] if found else None
+
+    if not hasattr(Layer, "tops"):
+        Layer.tops = property(lambda self: _names(self, "top"))  # type: ignore[attr-defined]
+        Layer.bottoms = property(lambda self: _names(self, "bottom"))  # type: ignore[attr-defined]
+        Layer.param_field = param_field  # type: ignore[attr-defined]
+
+
+_shim()

@@ -19,11 +19,16 @@ from __future__ import annotations
 import math
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .formulas import DEFAULT_SOURCE, PRESETS, Formula, f32, parse_source, same_eps  # noqa: F401 (re-exported)
 
 Floats = Sequence[float]
+if TYPE_CHECKING:
+    Array = array[float]  # array('f') or array('d')
+else:
+    Array = array
 
 
 def to_f32(values: Floats) -> array:
@@ -118,25 +123,75 @@ def f32_step(x: float, k: int) -> float:
     return x
 
 
-def unpatched_variance(stored: Floats, s: float, formula: Formula, eps: float) -> tuple[array, list[bool]]:
-    """Revert :func:`patched_variance`: the float32 blob-1 values a patch turned into ``stored``.
+def _inverse(guesses: Floats, stored: Floats, forward: Callable[[list[float], int], Floats]
+             ) -> tuple[array[float], list[list[float]]]:
+    """Per channel, the float32 values within two steps of ``guesses`` (a float64 inverse,
+    rounded) that ``forward`` maps to ``stored`` bit for bit; the nearest is the value, all of
+    them the candidates (one: exact; several: the map was many-to-one there; none: lost)."""
+    values, hits_all = array("f"), []
+    for i, (g, want) in enumerate(zip(guesses, stored)):
+        candidates = [f32_step(g, k) for k in (0, 1, -1, 2, -2)]
+        hits = [c for c, r in zip(candidates, forward(candidates, i)) if r == want]
+        values.append(hits[0] if hits else g)
+        hits_all.append(hits)
+    return values, hits_all
 
-    Returns ``(values, exact)``.  The float64 inverse is rounded to float32, then the nearest of
-    its neighbours (up to two steps) whose re-patch reproduces ``stored`` bit for bit is taken.
-    ``exact`` is False where none does, or where several do: there the patch mapped more than
-    one original to the same float32 (e.g. dead channels near var = 0), so the original is gone.
-    """
+
+def variance_candidates(stored: Floats, s: float, formula: Formula, eps: float,
+                        s_orig: float | None = None) -> tuple[array[float], list[list[float]]]:
+    """Revert :func:`patched_variance`: the float32 blob-1 values a patch turned into ``stored``
+    (see :func:`_inverse`).  ``s`` is the scale factor stored with ``stored``; ``s_orig`` the one
+    the originals were stored with when the patch changed it (by a power of two)."""
     stored = to_f32(stored)
     s = float(s)
-    guesses = to_f32([v * s for v in original_variance(stored, s, formula, eps)])
-    values, exact = array("f"), []
-    for g, target in zip(guesses, stored):
-        candidates = [f32_step(g, k) for k in (0, 1, -1, 2, -2)]
-        repatched = patched_variance([c / s for c in candidates], s, formula, eps)
-        hits = [c for c, r in zip(candidates, repatched) if r == target]
-        values.append(hits[0] if hits else g)
-        exact.append(len(hits) == 1)
-    return values, exact
+    s_eff = s if s_orig is None else (float(s_orig) or 1.0)
+    guesses = to_f32([v * s_eff for v in original_variance(stored, s, formula, eps)])
+
+    def forward(candidates: list[float], _: int) -> Floats:
+        return patched_variance([c / s_eff for c in candidates], s, formula, eps)
+
+    return _inverse(guesses, stored, forward)
+
+
+def unpatched_variance(stored: Floats, s: float, formula: Formula, eps: float,
+                       s_orig: float | None = None) -> tuple[array[float], list[bool]]:
+    """:func:`variance_candidates`, with ``exact`` per channel: False where none or several
+    originals re-patch to the stored value (dead channels near var = 0), so it is gone."""
+    values, hits = variance_candidates(stored, s, formula, eps, s_orig)
+    return values, [len(h) == 1 for h in hits]
+
+
+def fold_gamma(gamma: Floats, den: Floats, target: Floats) -> array[float]:
+    """The float32 gamma' = gamma * den / D for the Scale strategy (float64, rounded once).
+
+    ``den`` is the float32 denominator Caffe computes from the stored BatchNorm blobs, so
+    ``gamma' / den`` equals ``gamma / D``, Darknet's per-channel multiplier, to float32
+    rounding; a zero D (only a hand-written formula allows it) leaves gamma as it is.
+    """
+    return to_f32([g * d / t if t else g for g, d, t in zip(gamma, den, target)])
+
+
+def gamma_candidates(folded: Floats, den: Floats, target: Floats) -> tuple[array[float], list[list[float]]]:
+    """Revert :func:`fold_gamma` (see :func:`_inverse`)."""
+    folded = to_f32(folded)
+    guesses = to_f32([f * t / d if d and t else f for f, d, t in zip(folded, den, target)])
+
+    def forward(candidates: list[float], i: int) -> Floats:
+        return fold_gamma(candidates, [den[i]] * len(candidates), [target[i]] * len(candidates))
+
+    return _inverse(guesses, folded, forward)
+
+
+def effective_error(den: Floats, gamma: Floats | None, gamma_ref: Floats | None, target: Floats) -> list[float]:
+    """Per channel: how far Caffe's BatchNorm + Scale multiplier ``gamma / den`` is from
+    Darknet's ``gamma_ref / D``, as the relative error of the effective denominator
+    ``den * gamma_ref / gamma`` against ``D`` (exactly the denominator error when gamma is
+    untouched).  A zero gamma counts as exact when the reference is zero too."""
+    if gamma is None or gamma_ref is None or gamma == gamma_ref:
+        return relative_error(den, target)
+    eff = [d * r / g if g else (0.0 if r == 0 else math.inf) for d, g, r in zip(den, gamma, gamma_ref)]
+    out = relative_error(eff, target)
+    return [0.0 if g == 0 and r == 0 else e for e, g, r in zip(out, gamma, gamma_ref)]
 
 
 def bad_channel(values: Floats, *, allow_negative: bool) -> int | None:

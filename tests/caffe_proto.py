@@ -81,7 +81,7 @@ BlobProto = _CLASSES["BlobProto"]
 BatchNormParameter = _CLASSES["BatchNormParameter"]
 
 
-def blob(values, *, legacy: bool = False, double: bool = False) -> "BlobProto":
+def blob(values, *, legacy: bool = False, double: bool = False) -> BlobProto:
     b = BlobProto()
     values = np.asarray(values, np.float64 if double else np.float32).ravel()
     if legacy:
@@ -93,7 +93,7 @@ def blob(values, *, legacy: bool = False, double: bool = False) -> "BlobProto":
 
 
 def bn_layer(name: str, mean, var, s: float = 1.0, *, param: dict | None = None, extra_blobs=(),
-             legacy: bool = False, double: bool = False) -> "LayerParameter":
+             legacy: bool = False, double: bool = False) -> LayerParameter:
     layer = LayerParameter(name=name, type="BatchNorm", bottom=[name], top=[name])
     for values in (mean, var, [s], *extra_blobs):
         layer.blobs.append(blob(values, legacy=legacy, double=double))
@@ -103,7 +103,7 @@ def bn_layer(name: str, mean, var, s: float = 1.0, *, param: dict | None = None,
     return layer
 
 
-def conv_layer(name: str, weights) -> "LayerParameter":
+def conv_layer(name: str, weights) -> LayerParameter:
     layer = LayerParameter(name=name, type="Convolution", bottom=["data"], top=[name])
     layer.blobs.append(blob(weights))
     return layer
@@ -116,7 +116,7 @@ def model_bytes(*layers, extra: bytes = b"") -> bytes:
     return net.SerializeToString() + extra
 
 
-def parse(data: bytes) -> "NetParameter":
+def parse(data: bytes) -> NetParameter:
     net = NetParameter()
     net.ParseFromString(data)
     return net

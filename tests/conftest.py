@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import caffe_proto as cp
 import numpy as np
 import pytest
 
-import caffe_proto as cp
 from bnfix import prototxt
 
 TESTS = Path(__file__).parent

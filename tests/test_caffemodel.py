@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import random
 import subprocess
 import sys
 
+import caffe_proto as cp
 import numpy as np
 import pytest
-
-import bnfix
-import caffe_proto as cp
-from bnfix import caffemodel
-from bnfix.errors import BnfixError
 from conftest import NANO, REPO, SAMPLE
 from test_prototxt import BN
+
+import bnfix
+from bnfix import caffemodel
+from bnfix.errors import BnfixError
 
 MODELS = [SAMPLE / "yoloface-50k", NANO / "MobileNetV2-YOLOv3-Nano-voc"]
 
@@ -38,6 +40,14 @@ TINY = bytes.fromhex(
 )
 
 
+def _digest(*parts: bytes) -> str:
+    """The marker digest, as its spec says: blake2b-48 over each part, each after its length."""
+    h = hashlib.blake2b(digest_size=6)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
 def test_tiny_model_patches_to_literal_bytes(tmp_path):
     (tmp_path / "t.prototxt").write_text(BN.format(body="").replace('"bn"', '"bb"'))
     (tmp_path / "t.caffemodel").write_bytes(TINY)
@@ -45,14 +55,20 @@ def test_tiny_model_patches_to_literal_bytes(tmp_path):
     result.save(tmp_path / "o.prototxt", tmp_path / "o.caffemodel")
     # var' = (sqrt(0.25) + 1e-6)^2 - float32(1e-6) = 0.250000000001 -> float32 0.25 (0x3e800000);
     # the layer gains batch_norm_param { eps: 1e-06 }: key da 08 (139 << 3 | 2), length 5,
-    # then eps = field 3, fixed32: 1d + float32(1e-6) little-endian bd 37 86 35.
-    expected = bytes.fromhex(
-        "a206" "2f" "0a026262" "12094261746368" "4e6f726d"
-        "3a062a040000803f" "3a062a040000803e" "3a062a040000803f"
-        "da0805" "1dbd378635"
-    )
+    # then eps = field 3, fixed32: 1d + float32(1e-6) little-endian bd 37 86 35; then bnfix's
+    # record: field 536870911 (key fa ff ff ff 0f), the marker text with the digests of the
+    # three blobs' value bytes after and before (identical here: 0.25 stays 0.25).
+    one, quarter = bytes.fromhex("0000803f"), bytes.fromhex("0000803e")
+    stats = _digest(one, quarter, one)
+    record = (f"# bnfix: eps fit to sqrt(var) + 1e-06, eps 1e-06, stats {stats} from {stats} "
+              "[undo model=none]").encode()
+    payload = (bytes.fromhex("0a026262" "120942617463684e6f726d"
+                             "3a062a040000803f" "3a062a040000803e" "3a062a040000803f" "da0805" "1dbd378635")
+               + bytes.fromhex("faffffff0f") + bytes([len(record)]) + record)
+    expected = bytes.fromhex("a206") + caffemodel.encode_varint(len(payload)) + payload
     assert (tmp_path / "o.caffemodel").read_bytes() == expected
     assert cp.parse(expected).layer[0].batch_norm_param.eps == np.float32(1e-6)
+    assert f"stats {stats} from {stats}" in (tmp_path / "o.prototxt").read_text()
 
 
 def test_index_reads_name_type_and_ranges():
@@ -90,6 +106,7 @@ def test_untouched_layers_are_byte_identical(stem, tmp_path):
         for x in (la, lb):
             x.blobs[1].ClearField("data")
             x.ClearField("batch_norm_param")
+            x.DiscardUnknownFields()  # bnfix's record
         assert la == lb
 
 
@@ -124,8 +141,10 @@ def test_storage_forms_are_kept(tmp_path):
         got = np.array(layer.blobs[1].double_data or layer.blobs[1].data, np.float64)
         assert np.allclose(got, expected, rtol=1e-7)
     raw = (tmp_path / "o.caffemodel").read_bytes()
-    last = entries(raw)[-1]
-    assert last.count(caffemodel.key(5, 5)) == 7  # still unpacked: 3 + 3 + 1 values
+    last = caffemodel.payload_of(entries(raw)[-1])
+    blobs = [sp for sp in caffemodel.fields(last, 0, len(last)) if sp.number == 7]
+    unpacked = [f for b in blobs for f in caffemodel.fields(last, b.value, b.end) if (f.number, f.wire) == (5, 5)]
+    assert len(unpacked) == 7  # still unpacked: 3 + 3 + 1 values
 
 
 def test_nvcaffe_old_layout_is_skipped(tmp_path):
@@ -145,7 +164,7 @@ def test_blob_count_must_match_shape():
     data = entries(cp.model_bytes(layer))[0]
     payload = caffemodel.payload_of(data)
     with pytest.raises(caffemodel.WireError, match="blob 1 holds 2 values but its shape \\[3\\] needs 3"):
-        caffemodel.decode_batch_norm(caffemodel.Layer(0, 0, 0, len(data), "bn", "BatchNorm"), payload)
+        caffemodel.decode_entry(caffemodel.Layer(0, 0, 0, len(data), "bn", "BatchNorm"), payload)
 
 
 # -- bad bytes: only the module's error, never a crash --------------------------------------------
@@ -173,7 +192,7 @@ def test_fuzzed_bytes_raise_only_bnfix_error(tmp_path):
             with caffemodel.Model(path) as m:
                 for layer in m.layers:
                     if layer.type == "BatchNorm":
-                        m.batch_norm(layer)
+                        m.entry(layer)
             outcomes["ok"] += 1
         except BnfixError:
             outcomes["error"] += 1
@@ -197,8 +216,7 @@ def test_only_v1_layers(tmp_path):
 # -- copying without Python objects, and its fallbacks --------------------------------------------
 
 def test_copy_fallbacks_give_identical_output(tmp_path, monkeypatch):
-    """copy_file_range at offsets in a thread; pread/pwrite if it fails; without it, one writer
-    in file order using sendfile, else chunks.  All give the same bytes."""
+    """copy_file_range; sendfile where it refuses; plain chunks where both do: the same bytes."""
     pp, mp = SAMPLE / "yoloface-50k.prototxt", SAMPLE / "yoloface-50k.caffemodel"
     bnfix.patch(pp, mp).save(tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
     expected = (tmp_path / "a.caffemodel").read_bytes()
@@ -206,30 +224,40 @@ def test_copy_fallbacks_give_identical_output(tmp_path, monkeypatch):
 
     def refuse(*a, **k):
         calls.append(a)
-        raise OSError(38, "not supported")
+        raise OSError(errno.ENOSYS, "not supported")
 
     def save(name: str) -> bytes:
         bnfix.patch(pp, mp).save(tmp_path / f"{name}.prototxt", tmp_path / f"{name}.caffemodel")
         return (tmp_path / f"{name}.caffemodel").read_bytes()
 
-    monkeypatch.setattr(os, "copy_file_range", refuse)
-    assert save("b") == expected and calls  # threaded, pread/pwrite
-    monkeypatch.delattr(os, "copy_file_range")
     real_sendfile, sent = os.sendfile, []
+    monkeypatch.setattr(os, "copy_file_range", refuse)
     monkeypatch.setattr(os, "sendfile", lambda *a: sent.append(a) or real_sendfile(*a))
-    assert save("c") == expected and sent  # sequential, sendfile
+    assert save("b") == expected and calls and sent  # sendfile
+    monkeypatch.delattr(os, "copy_file_range")
     monkeypatch.setattr(os, "sendfile", refuse)
-    assert save("d") == expected  # sequential, chunks
+    assert save("c") == expected  # chunks
 
 
-def test_a_failure_while_computing_stops_the_copy(tmp_path, monkeypatch):
-    """Bad statistics are found while the copy runs: the copy is cancelled, nothing is left."""
+def test_a_real_write_error_is_not_taken_for_a_missing_syscall(tmp_path, monkeypatch):
+    """ENOSPC from copy_file_range is a failure to report, not a reason to try sendfile."""
+    pp, mp = SAMPLE / "yoloface-50k.prototxt", SAMPLE / "yoloface-50k.caffemodel"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(BnfixError, match="No space left on device"):
+        bnfix.patch(pp, mp).save(tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_bad_statistics_are_refused_before_anything_is_written(tmp_path):
     layer = cp.bn_layer("bn", [0.0, 0.0], [1.0, float("nan")])
     (tmp_path / "m.prototxt").write_text(BN.format(body=""))
     (tmp_path / "m.caffemodel").write_bytes(cp.model_bytes(cp.conv_layer("c", np.zeros(1000)), layer))
-    result = bnfix.patch(tmp_path / "m.prototxt", tmp_path / "m.caffemodel")
     with pytest.raises(BnfixError, match="channel 1: variance is nan"):
-        result.save(tmp_path / "out" / "o.prototxt", tmp_path / "out" / "o.caffemodel")
+        bnfix.patch(tmp_path / "m.prototxt", tmp_path / "m.caffemodel")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.caffemodel", "m.prototxt"]
 
 

@@ -22,11 +22,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import caffe_proto as cp
 import numpy as np
 import pytest
 
 import bnfix
-import caffe_proto as cp
 from bnfix.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +40,8 @@ NANO_BN = 57
 
 ANSI = "\x1b["
 LAYER_KEYS = {
-    "name", "channels", "status", "changes", "reason", "warning", "eps_before", "eps_after",
-    "max_rel_var_change", "negative_channels", "err_before", "err_after", "worst_channel",
+    "name", "channels", "status", "strategy", "changes", "reason", "warning", "eps_before", "eps_after",
+    "changed", "max_rel_change", "negative_channels", "err_before", "err_after", "worst_channel", "scale_layer",
 }
 
 
@@ -66,7 +66,12 @@ def sha(path: Path) -> str:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file (hidden ones included) and directory under root, with file contents' sha256."""
-    return {str(p.relative_to(root)): ("<dir>" if p.is_dir() else sha(p)) for p in sorted(root.rglob("*"))}
+    def what(p: Path) -> str:
+        if p.is_dir():
+            return "<dir>"
+        return sha(p) if p.is_file() else "<special>"  # reading a FIFO would block
+
+    return {str(p.relative_to(root)): what(p) for p in sorted(root.rglob("*"))}
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -223,13 +228,18 @@ def _missing(which: int):
     return make
 
 
-def _directory(which: int):
+def _not_regular(which: int, kind: str):
+    """A FIFO (which would block a plain open forever) or a device such as /dev/zero (which
+    never ends) where a file is expected: refused at once, naming what it is."""
     def make(d: Path, pp: Path, mp: Path):
-        sub = d / "adir"
-        sub.mkdir()
-        args = [pp, mp]
-        args[which] = sub
-        return args, ["adir", "directory"]
+        args: list = [pp, mp]
+        if kind == "fifo":
+            fifo = d / "pipe.prototxt"
+            os.mkfifo(fifo)
+            args[which] = fifo
+            return args, ["pipe.prototxt: is a FIFO, not a regular file"]
+        args[which] = Path("/dev/zero")
+        return args, ["/dev/zero: is a character device, not a regular file"]
 
     return make
 
@@ -303,8 +313,9 @@ def _nested_out_bad(d: Path, pp: Path, mp: Path):
 BAD_INPUT = {
     "missing-prototxt": _missing(0),
     "missing-caffemodel": _missing(1),
-    "directory-as-prototxt": _directory(0),
-    "directory-as-caffemodel": _directory(1),
+    "fifo-as-prototxt": _not_regular(0, "fifo"),
+    "fifo-as-caffemodel": _not_regular(1, "fifo"),
+    "dev-zero-as-caffemodel": _not_regular(1, "device"),
     "truncated-in-layer-header": _truncated("layer-header"),
     "truncated-in-layer-name": _truncated("layer-name"),
     "truncated-in-blob-floats": _truncated("blob-floats"),
@@ -388,21 +399,30 @@ def test_two_pairs_colliding_in_output_dir(tmp_path, capsys):
     text = b[0].read_text().replace("use_global_stats: true", "use_global_stats: true\n        eps: 1e-06")
     b[0].write_text(text)  # pair b is left alone (ambiguous eps), so its output is a plain copy
     code, _, err = run(capsys, *a, *b, "-o", tmp_path / "out", "-q")
-    assert "# bnfix: fitted" in (tmp_path / "out" / a[0].name).read_text()  # pair a's patched output survives
+    assert "# bnfix: eps fit" in (tmp_path / "out" / a[0].name).read_text()  # pair a's patched output survives
     assert code == 2
     one_error(err, "yoloface-50k.", "already written")
 
 
+@pytest.mark.parametrize("args,line", [
+    (["only-one.prototxt"], "bnfix: error: only-one.prototxt: no such file"),
+    (["a.prototxt", "a.caffemodel", "b.prototxt"], "bnfix: error: a.prototxt: no such file"),
+], ids=["one-missing-file", "a-pair-and-a-missing-file"])
+def test_missing_files_are_one_error_each(tmp_path, capsys, args, line):
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert err.splitlines()[0] == line
+    assert all(l.startswith("bnfix: error: ") for l in err.splitlines())
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,needles", [
-    (["only-one.prototxt"], ["pairs"]),
-    (["a.prototxt", "a.caffemodel", "b.prototxt"], ["pairs"]),
     (["a.prototxt", "a.caffemodel", "--in-place", "-o", "out"], ["--in-place"]),
     (["a.prototxt", "a.caffemodel", "--check", "--dry-run"], ["--dry-run"]),
     (["a.prototxt", "a.caffemodel", "--color", "rainbow"], ["rainbow"]),
     (["a.prototxt", "a.caffemodel", "--target-eps", "abc"], ["abc"]),
     ([], ["required"]),
-], ids=["one-file", "three-files", "in-place-with-o", "check-with-dry-run", "bad-color", "target-eps-abc",
-        "no-files"])
+], ids=["in-place-with-o", "check-with-dry-run", "bad-color", "target-eps-abc", "no-files"])
 def test_usage_errors(tmp_path, capsys, args, needles):
     code, out, err = run(capsys, *args)
     assert code == 2
@@ -485,7 +505,7 @@ def test_output_dir_is_created_nested_with_input_names(tmp_path, capsys):
     assert code == 0
     assert sorted(p.name for p in out_dir.iterdir()) == ["yoloface-50k.caffemodel", "yoloface-50k.prototxt"]
     assert (out_dir / "yoloface-50k.caffemodel").read_bytes() != SAMPLE_M.read_bytes()
-    assert "# bnfix: fitted" in (out_dir / "yoloface-50k.prototxt").read_text()
+    assert "# bnfix: eps fit" in (out_dir / "yoloface-50k.prototxt").read_text()
 
 
 def test_in_place_keeps_orig_and_second_run_is_a_no_op(tmp_path, capsys):
@@ -547,7 +567,7 @@ def test_json_file_schema(tmp_path, capsys):
     assert code == 0 and err == ""
     assert "layer1-bn" in out  # the table still goes to stdout when JSON goes to a file
     j = strict_json(report.read_text())
-    assert set(j) == {"bnfix", "pairs", "errors", "totals"}
+    assert set(j) == {"bnfix", "pairs", "errors", "unpaired", "totals"}
     assert j["bnfix"] == bnfix.__version__
     assert j["errors"] == []
     (pair,) = j["pairs"]
@@ -727,7 +747,9 @@ def test_several_good_pairs(tmp_path, capsys):
     b = copy_sample(tmp_path, "b")
     code, out, _ = run(capsys, *a, *b)
     assert code == 0
-    assert "total: 2 of 2 pairs done" in out
+    assert out.splitlines()[0] == "a.prototxt + a.caffemodel: 23 patched of 23 layers; error 2.1e-02 → 8.5e-08"
+    assert out.splitlines()[-1] == ("total: 2 pair(s), 46 layers patched, 0 reverted, 0 up to date, 0 skipped; "
+                                    "worst error 2.1e-02 → 8.5e-08; 0 pair(s) failed")
     assert (tmp_path / "a.bnfix.caffemodel").read_bytes() == (tmp_path / "b.bnfix.caffemodel").read_bytes()
 
 
@@ -769,7 +791,7 @@ def test_eps_already_set_without_marker_is_skipped_unless_forced(tmp_path, capsy
     assert code == 0
     layers = j["pairs"][0]["layers"]
     assert all(l["status"] == "patched" and l["err_after"] <= 1e-7 for l in layers)
-    assert (tmp_path / "forced" / pp.name).read_text().count("# bnfix: fitted") == SAMPLE_BN
+    assert (tmp_path / "forced" / pp.name).read_text().count("# bnfix: eps fit") == SAMPLE_BN
     assert (tmp_path / "forced" / mp.name).read_bytes() != mp.read_bytes()
 
 
@@ -957,6 +979,7 @@ def test_progress_bar_only_on_a_terminal_after_a_second(tmp_path, monkeypatch):
     """A bar appears on a terminal once the copy has run for more than a second; never on a pipe
     or with --quiet (no console at all)."""
     import io
+    import time
 
     from rich.console import Console
 
@@ -964,12 +987,12 @@ def test_progress_bar_only_on_a_terminal_after_a_second(tmp_path, monkeypatch):
 
     model = tmp_path / "m.caffemodel"
     model.write_bytes(b"\0" * 1000)
-    assert cli._progress(None, model) is None
-    assert cli._progress(Console(file=io.StringIO(), force_terminal=False), model) is None
+    assert cli._bytes_progress(None, model) is None
+    assert cli._bytes_progress(Console(file=io.StringIO(), force_terminal=False), model) is None
     out = io.StringIO()
-    clock = iter([0.0, 0.5, 2.0, 3.0, 4.0])
-    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
-    update = cli._progress(Console(file=out, force_terminal=True, width=80), model)
+    clock = iter([0.0, 0.5, 2.0, 3.0, 4.0] + [5.0] * 50)
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    update = cli._bytes_progress(Console(file=out, force_terminal=True, width=80), model)
     update(100)  # 0.5 s: too early for a bar
     assert out.getvalue() == ""
     update(500)  # 2 s: the bar starts

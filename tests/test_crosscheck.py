@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import caffe_proto as cp
 import numpy as np
 import pytest
+from conftest import NANO
 
 import bnfix
-import caffe_proto as cp
 from bnfix import crosscheck as cc
 from bnfix import semantics as sem
 from bnfix.cli import main
-from conftest import NANO
 
 P, M = NANO / "MobileNetV2-YOLOv3-Nano-voc.prototxt", NANO / "MobileNetV2-YOLOv3-Nano-voc.caffemodel"
 W, CFG = NANO / "MobileNetV2-YOLOv3-Nano-voc.weights", NANO / "MobileNetV2-YOLOv3-Nano-voc.cfg"
@@ -121,7 +121,7 @@ def test_mismatched_cfg_exit_2(tmp_path, capsys):
     cfg.write_text(CFG.read_text().replace("filters=16", "filters=24", 1))
     assert main([str(P), str(M), "--dry-run", "--darknet-weights", str(W), "--darknet-cfg", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bnfix: error: ") and "other.cfg" in err or "weights" in err
+    assert (err.startswith("bnfix: error: ") and "other.cfg" in err) or "weights" in err
 
 
 def test_usage_errors(capsys):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import shutil
 
+import caffe_proto as cp
 import numpy as np
 import pytest
-
-import bnfix
-import caffe_proto as cp
-from bnfix import semantics as sem
-from bnfix.cli import main
 from conftest import NANO, SAMPLE, shared_corpus
 from test_prototxt import BN, SHIPPED
+
+import bnfix
+from bnfix import semantics as sem
+from bnfix.cli import main
 
 
 def _roundtrip(pp, mp, tmp_path, **kw):
@@ -39,8 +39,11 @@ def test_nano_round_trip_reports_the_only_channels_that_differ(tmp_path):
     original = cp.parse(mp.read_bytes())
     restored = cp.parse(model)
     assert len(model) == mp.stat().st_size
+    # Both first layers have dead channels 3, 12 and 13, whose refitted variance float32 cannot
+    # tell apart from their neighbours'. In layer1-bn few enough candidates remain that the
+    # markers' "from" digest picks the originals; layer2-bn's are too many to try.
     reported = {l.name: l.reason for l in reverted.layers if l.warning}
-    assert sorted(reported) == ["layer1-bn", "layer2-bn"]
+    assert sorted(reported) == ["layer2-bn"]
     for name in reported:
         assert reported[name].endswith(": 3, 12, 13")
     for a, b in zip(original.layer, restored.layer):

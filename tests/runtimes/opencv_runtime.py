@@ -5,12 +5,11 @@ OpenCV 5 removed the Caffe and Darknet importers, hence the pin.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import numpy as np
 
 import cv2
+import numpy as np
 
 
 class CaffeUpsample:
