@@ -11,8 +11,12 @@ module never decodes what it does not patch.  The file is memory-mapped and walk
   cannot express BatchNorm.
 * A layer bnfix rewrites is decoded into an :class:`Entry`: its ``blobs`` (7) as ``BlobProto``
   (``num/channels/height/width`` 1-4, ``data`` 5 packed or not, ``shape`` 7 with ``dim`` 1,
-  ``double_data`` 8), its stored ``batch_norm_param`` (139: ``use_global_stats`` 1, ``eps`` 3)
-  and bnfix's own record (``marker.RECORD_FIELD``).  Every other field keeps its bytes.
+  ``double_data`` 8) and its stored ``batch_norm_param`` (139: ``use_global_stats`` 1, ``eps``
+  3).  Every other field keeps its bytes.  bnfix changes only blob *values*, so a rewritten
+  entry keeps its length and every byte after it its offset (``copier.py``).
+* bnfix's records (``marker.py``) are top-level ``NetParameter`` fields (``RECORD_FIELD``),
+  each a small message: ``1`` the layer name, ``2`` the marker text.  bnfix appends them at
+  the end of the file.
 
 Rules, one named error each: a varint longer than 10 bytes or cut by the end of its message;
 a length that runs past its message; field number 0; wire types 3/4 (groups) and 6/7; a float
@@ -48,7 +52,8 @@ BN_USE_GLOBAL_STATS, BN_EPS = 1, 3  # BatchNormParameter
 BLOB_LEGACY_DIMS = (1, 2, 3, 4)
 BLOB_DATA, BLOB_SHAPE, BLOB_DOUBLE_DATA = 5, 7, 8
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
-_KEPT = (LAYER_BN_PARAM, RECORD_FIELD)  # the layer fields an Entry remembers the spans of
+_KEPT = (LAYER_BN_PARAM,)  # the layer fields an Entry remembers the spans of
+RECORD_NAME, RECORD_TEXT = 1, 2
 
 __all__ = ["Blob", "Entry", "Layer", "Model", "WireError", "fields"]
 
@@ -239,12 +244,6 @@ class Entry:
             return None
         return b"".join(self.payload[sp.value : sp.end] for sp in spans)
 
-    @property
-    def record(self) -> bytes | None:
-        """bnfix's record in this entry (the last occurrence), or None."""
-        spans = self.spans[RECORD_FIELD]
-        return self.payload[spans[-1].value : spans[-1].end] if spans else None
-
     def bn_param(self) -> ParamFields | None:
         """eps and use_global_stats of the stored ``batch_norm_param`` (last value wins)."""
         data = self.field_payload(LAYER_BN_PARAM)
@@ -333,9 +332,12 @@ class Model:
 
     def _index(self, buf: mmap.mmap) -> list[Layer]:
         layers: list[Layer] = []
+        self.records: list[Record] = []
         v1 = 0
         for sp in fields(buf, 0, self.size):
-            if sp.number == LAYER and sp.wire == LEN:
+            if sp.number == RECORD_FIELD and sp.wire == LEN:
+                self.records.append(_record(buf, sp))
+            elif sp.number == LAYER and sp.wire == LEN:
                 name = type_ = None
                 # Only name and type are read; the rest of a layer is not checked until it is
                 # decoded (a layer bnfix rewrites) or copied verbatim (all the others).
@@ -362,6 +364,11 @@ class Model:
         except WireError as exc:
             raise WireError(f"{self.path}: layer {layer.name!r}: {exc}") from None
 
+    def tail(self, start: int) -> bytes:
+        """The bytes from ``start`` to the end of the file."""
+        assert self._map is not None
+        return self._map[start:]
+
     def fileno(self) -> int:
         """The open file the index was read from (outputs are copied from it)."""
         return self._file.fileno()
@@ -385,6 +392,31 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Record(NamedTuple):
+    """One of bnfix's records: the layer it is about, its marker text, and where it is."""
+
+    layer: str
+    text: bytes
+    start: int
+    end: int
+
+
+def _record(buf: mmap.mmap, sp: Span) -> Record:
+    name, text = b"", b""
+    for f in fields(buf, sp.value, sp.end):
+        if f.wire == LEN and f.number == RECORD_NAME:
+            name = buf[f.value : f.end]
+        elif f.wire == LEN and f.number == RECORD_TEXT:
+            text = buf[f.value : f.end]
+    return Record(name.decode("utf-8", "surrogateescape"), text, sp.start, sp.end)
+
+
+def encode_record(layer: str, text: bytes) -> bytes:
+    """A record field, as ``Model`` reads it back."""
+    payload = field_bytes(RECORD_NAME, layer.encode("utf-8", "surrogateescape")) + field_bytes(RECORD_TEXT, text)
+    return field_bytes(RECORD_FIELD, payload)
 
 
 def decode_entry(layer: Layer, payload: bytes) -> Entry:

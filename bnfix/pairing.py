@@ -77,8 +77,8 @@ def find_marker(layer: prototxt.Layer) -> Placed | None:
         # token when it stands alone, inside it when appended to an existing comment.
         lead = found[0] - 2 if doc.text[found[0] - 2 : found[0]] == "  " else found[0]
         end = found[1]
-        if getattr(doc, "comment_needs_lf", False) and doc.text[end : end + 1] == "\n":
-            end += 1  # the LF bnfix wrote to end its comment in a CR-only file (see plan.py)
+        if doc.text[end : end + 2] == "\n\r":
+            end += 1  # the LF bnfix wrote to end its comment on a CR-terminated line (plan.py)
         return Placed(m, lead, end)
     return None
 
@@ -98,6 +98,7 @@ def pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[Group], 
             raise doc.error(layer.field.start, "BatchNorm layer without a name: it cannot be matched to the caffemodel")
         layer.validate()  # parse errors in its batch_norm_param surface here, naming the line
         proto_by_name.setdefault(layer.name, []).append(layer)
+    records = _records(model)
     groups = []
     for name, proto in proto_by_name.items():
         entries = _entries(name, by_name.get(name, []), "BatchNorm", model, doc)
@@ -108,7 +109,7 @@ def pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[Group], 
         bn = next((l for l in proto if l.runs_at_test), proto[0])
         at = position[id(bn)] + 1
         following = layers[at] if at < len(layers) else None
-        groups.append(Group(name, tuple(proto), tuple(entries), scale, why, placed, _record(name, entries, model),
+        groups.append(Group(name, tuple(proto), tuple(entries), scale, why, placed, records.get(name),
                             following is not None and following.type == "Scale"))
     warnings = []
     extra = [l.name for l in model.layers if l.type == "BatchNorm" and l.name not in proto_by_name]
@@ -131,13 +132,17 @@ def _entries(name: str, found: list[caffemodel.Layer], kind: str, model: caffemo
     return [model.entry(e) for e in found]
 
 
-def _record(name: str, entries: Sequence[caffemodel.Entry], model: caffemodel.Model) -> Marker | None:
-    """bnfix's caffemodel-side record of a layer; duplicates of one name must agree."""
-    raw = {e.record for e in entries}
-    if len(raw) > 1:
-        raise MarkerError(f"{model.path}: layer {name!r}: its {len(entries)} entries carry different bnfix records")
-    data = raw.pop()
-    return None if data is None else marker.parse_record(data, f"{model.path}: layer {name!r}")
+def _records(model: caffemodel.Model) -> dict[str, Marker]:
+    """bnfix's caffemodel-side records by layer name; one layer's records must agree."""
+    out: dict[str, Marker] = {}
+    texts: dict[str, bytes] = {}
+    for r in model.records:
+        where = f"{model.path}: layer {r.layer!r}"
+        if r.layer in texts and texts[r.layer] != r.text:
+            raise MarkerError(f"{where}: the caffemodel holds two different bnfix records for it")
+        texts[r.layer] = r.text
+        out[r.layer] = marker.parse_record(r.text, where)
+    return out
 
 
 def _same_markers(name: str, placed: Sequence[Placed | None], doc: prototxt.Document) -> None:

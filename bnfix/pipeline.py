@@ -113,9 +113,33 @@ class Result:
                     decoded.append(verify.entry(data, edit.entry.payload, edit.blobs, edit.replace))
                     replacements.append(copier.Replacement(edit.entry.layer.start, edit.entry.layer.end, data))
                 written.append(_written(p, decoded))
+            replacements += self._records()
             replacements.sort()
             self._applied = replacements, written
         return self._applied
+
+    def _records(self) -> list[copier.Replacement]:
+        """bnfix's records after this run, at the end of the caffemodel: this run's layers' new
+        (or kept) records, then those of layers it did not look at; nothing if they are already
+        there, byte for byte."""
+        model = self._model
+        mine = {p.name: p.record for p in self.plans}
+        order = {}
+        for layer in model.layers:
+            order.setdefault(layer.name, layer.index)
+        wanted = [(name, m.record()) for name, m in mine.items() if m is not None]
+        wanted += [(r.layer, r.text) for r in model.records if r.layer not in mine]
+        wanted.sort(key=lambda item: (order.get(item[0], len(order)), item[0]))
+        tail = b"".join(caffemodel.encode_record(name, text) for name, text in wanted)
+        verify.records(tail, wanted)
+        old = model.records
+        if old and old[-1].end == model.size and old[0].start == model.size - sum(r.end - r.start for r in old):
+            start = old[0].start  # the records bnfix appended last time: one range
+            if model.tail(start) == tail:
+                return []
+            return [copier.Replacement(start, model.size, tail)]
+        return [copier.Replacement(r.start, r.end, b"") for r in old] + (
+            [copier.Replacement(model.size, model.size, tail)] if tail else [])
 
     # -- writing -------------------------------------------------------------------------
     def save(self, prototxt_out: str | Path, caffemodel_out: str | Path, *, backup: bool = False,
@@ -245,7 +269,7 @@ def run(pp: Path, mp: Path, options: Options, mode: Mode) -> Result:
         for g in groups:
             a = state.assess(g, pp, mp)
             plans.append(plan_patch(g, a, options, mp) if mode is Mode.PATCH else plan_revert(g, a))
-        _verify_prototxt(doc, [sp for p in plans for sp in p.splices], groups)
+        doc.check_splices([sp for p in plans for sp in p.splices], [l for g in groups for l in g.proto])
         return Result(pp, mp, options, mode, plans, warnings, doc, model, pid)
     except BaseException:
         model.close()
@@ -275,30 +299,3 @@ def _head(path: Path) -> bytes:
 
 def _textual(head: bytes) -> bool:
     return all(b in b"\t\r\n" or 32 <= b < 127 or b >= 128 for b in head)
-
-
-def _verify_prototxt(doc: prototxt.Document, splices: Sequence[prototxt.Splice],
-                     groups: Sequence[pairing.Group]) -> None:
-    """Every edit lies on the lines of a BatchNorm layer, and each edited stretch of lines still
-    parses to the same layers.  Text outside those lines is copied untouched, so this proves the
-    whole file without re-parsing all of it."""
-    regions: list[tuple[int, int, list[prototxt.Layer]]] = []  # layers sharing a line merge
-    for layer in sorted((l for g in groups for l in g.proto), key=lambda l: l.field.start):
-        a, b = doc.line_start(layer.field.start), doc.line_end(layer.field.end)
-        if regions and a <= regions[-1][1]:
-            last = regions.pop()
-            regions.append((last[0], max(last[1], b), last[2] + [layer]))
-        else:
-            regions.append((a, b, [layer]))
-    todo = sorted(splices, key=lambda sp: sp.start)
-    for a, b, layers in regions:
-        inside = [sp for sp in todo if a <= sp.start and sp.end <= b]
-        if not inside:
-            continue
-        todo = [sp for sp in todo if not (a <= sp.start and sp.end <= b)]
-        after = prototxt.parse(doc.render(inside, a, b), doc.path).layers()
-        others = [l for l in doc.layers() if a <= l.field.start <= b] if len(after) != len(layers) else layers
-        if [(l.name, l.type) for l in others] != [(l.name, l.type) for l in after]:
-            raise AssertionError(f"internal error: the edit at {doc.where(a)} changed the layers")
-    if todo:
-        raise AssertionError(f"internal error: edit outside a BatchNorm layer at {doc.where(todo[0].start)}")

@@ -65,6 +65,7 @@ class LayerPlan(NamedTuple):
     scale_layer: str | None = None
     inexact: tuple[int, ...] = ()  # revert: channels float32 could not restore bit for bit
     next_is_scale: bool = True  # see pairing.Group
+    record: Marker | None = None  # the caffemodel-side record the layer has after this run
 
 
 # -- reading a group -------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def plan_patch(g: Group, a: Assessment, opts: Options, model_path: Path) -> Laye
     eps_written = written_eps(g)
     eps_now = CAFFE_DEFAULT_EPS if eps_written is None else eps_written
     base = LayerPlan(g.name, g.channels, Status.SKIPPED, eps_before=eps_now, eps_after=eps_now,
-                     next_is_scale=g.next_is_scale)
+                     next_is_scale=g.next_is_scale, record=g.record)
     problem = next((p for p in map(layout_problem, g.entries) if p), "")
     if problem:
         return base._replace(reason=problem, warning=True)
@@ -288,13 +289,13 @@ def _fit(g: Group, opts: Options, strategy: StrategyName, originals: list[Stats]
     prior = g.record if g.record is not None else (m if m is not None and m.legacy else None)
     record = Marker(strategy, opts.source, eps_new, digest_of(g, new), origin,
                     tuple(_entry_undo(g.entries[0], prior, s_orig, s_new)))
+    # Only blob values change: every entry keeps its length (and every later byte its offset).
     edits = []
     for e, st in zip(g.entries, new):
         blobs: dict[int, sem.Array] = {0: st.mean, 1: st.var}
         if st.s != float(e.blobs[2].first()):
             blobs[2] = sem.to_f32([st.s])
-        edits.append(EntryEdit(e, blobs, {caffemodel.LAYER_BN_PARAM: _bn_param(e, f32(eps_new)),
-                                          marker.RECORD_FIELD: record.record()}))
+        edits.append(EntryEdit(e, blobs, {}))
     if g.scale is not None and new[0].gamma is not None:
         se = g.scale.entries[0]
         if se.blobs[0].encode(new[0].gamma) != se.blobs[0].raw:
@@ -309,36 +310,20 @@ def _fit(g: Group, opts: Options, strategy: StrategyName, originals: list[Stats]
         changes.append("eps set")
     return base._replace(
         status=Status.PATCHED, changes=tuple(dict.fromkeys(changes)), eps_after=eps_new, warning=warning,
-        splices=tuple(splices), edits=tuple(edits), after=new[0], reference=originals[0])
+        splices=tuple(splices), edits=tuple(edits), after=new[0], reference=originals[0], record=record)
 
 
 def _entry_undo(e: caffemodel.Entry, prior: Marker | None, s_orig: float, s_new: float) -> list[tuple[str, str]]:
     """What the caffemodel entry held before bnfix: its stored param and scale factor."""
-    if prior is not None:
-        undo = [(k, v) for k, v in prior.undo if k in marker.RECORD_KEYS and k != "s"]
-        s_text = prior.get("s")
-        if s_text is not None:
-            return undo + [("s", s_text)]
-    else:
-        undo = []
-        stored = e.bn_param()
-        if stored is None:
-            undo.append(("model", "none"))
-        else:
-            undo.append(("model.eps", "none" if stored.eps is None else repr(stored.eps)))
-            if stored.use_global_stats is False:
-                undo.append(("model.ugs", "false"))
+    # bnfix 2 leaves the caffemodel's stored batch_norm_param alone (no runtime reads it); a
+    # bnfix 1.0 patch changed it, and what it replaced is carried over for revert.
+    undo = [] if prior is None else [(k, v) for k, v in prior.undo if k in marker.RECORD_KEYS and k != "s"]
+    s_text = None if prior is None else prior.get("s")
+    if s_text is not None:
+        return undo + [("s", s_text)]
     if s_new != s_orig:
         undo.append(("s", repr(float(s_orig))))
     return undo
-
-
-def _bn_param(e: caffemodel.Entry, eps: float) -> bytes:
-    """The stored batch_norm_param mirrors the prototxt: bnfix's eps, use_global_stats true
-    where it said false."""
-    stored = e.bn_param()
-    ugs = True if stored is not None and stored.use_global_stats is False else ...
-    return e.edited_bn_param(eps=eps, use_global_stats=ugs)
 
 
 def _prototxt_edits(g: Group, record: Marker, new_text: str | None) -> tuple[list[prototxt.Splice], bool]:
@@ -361,14 +346,14 @@ def _prototxt_edits(g: Group, record: Marker, new_text: str | None) -> tuple[lis
             undo.append(("ugs", "false"))
             ugs_fixed = True
         comment = record._replace(undo=tuple(undo)).comment()
-        if getattr(layer.doc, "comment_needs_lf", False):
-            # Caffe's parser ends a comment only at LF: in a CR-only file the marker needs its
-            # own, or it would comment out the rest of the file.
+        at = layer.doc.line_end(layer.field.start)
+        if layer.doc.line_break_at(at) == "\r":
+            # Caffe's parser ends a comment only at LF: on a CR-terminated line the marker needs
+            # its own, or it would comment out the rest of the file (pairing.find_marker knows it).
             comment += "\n"
         if placed is not None:
             splices.append(prototxt.Splice(placed.start, placed.end, comment))
         else:
-            at = layer.doc.line_end(layer.field.start)
             splices.append(prototxt.Splice(at, at, comment, order=-1))  # before a field inserted there
     return splices, ugs_fixed
 

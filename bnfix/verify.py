@@ -126,3 +126,15 @@ def _check_eps(param: bytes) -> None:
     eps = [struct.unpack("<f", v)[0] for n, w, _, v in _fields(param) if n == _EPS and w == 5]
     if eps and not (eps[-1] >= 0 and eps[-1] < float("inf")):
         raise AssertionError("internal error: a rebuilt batch_norm_param holds an unusable eps")
+
+
+def records(written: bytes, expected: Sequence[tuple[str, bytes]]) -> None:
+    """Check appended record fields: each a (layer name, marker text) message, in order."""
+    found = []
+    for number, wire, _, value in _fields(written):
+        inner = {n: v for n, w, _, v in _fields(value) if w == 2}
+        if (number, wire) != (536870911, 2) or set(inner) != {1, 2}:
+            raise AssertionError("internal error: an appended bnfix record is malformed")
+        found.append((inner[1].decode("utf-8", "surrogateescape"), inner[2]))
+    if found != list(expected):
+        raise AssertionError("internal error: the appended bnfix records are not the intended ones")

@@ -53,21 +53,18 @@ def test_tiny_model_patches_to_literal_bytes(tmp_path):
     (tmp_path / "t.caffemodel").write_bytes(TINY)
     result = bnfix.patch(tmp_path / "t.prototxt", tmp_path / "t.caffemodel")
     result.save(tmp_path / "o.prototxt", tmp_path / "o.caffemodel")
-    # var' = (sqrt(0.25) + 1e-6)^2 - float32(1e-6) = 0.250000000001 -> float32 0.25 (0x3e800000);
-    # the layer gains batch_norm_param { eps: 1e-06 }: key da 08 (139 << 3 | 2), length 5,
-    # then eps = field 3, fixed32: 1d + float32(1e-6) little-endian bd 37 86 35; then bnfix's
-    # record: field 536870911 (key fa ff ff ff 0f), the marker text with the digests of the
-    # three blobs' value bytes after and before (identical here: 0.25 stays 0.25).
+    # var' = (sqrt(0.25) + 1e-6)^2 - float32(1e-6) = 0.250000000001 -> float32 0.25 (0x3e800000),
+    # so the layer's bytes do not change at all (bnfix leaves its stored parameters alone). The
+    # file gains bnfix's record at its end: NetParameter field 536870911 (key fa ff ff ff 0f), a
+    # message of the layer name (field 1) and the marker text (field 2), whose digests are of
+    # the three blobs' value bytes after and before (identical here: 0.25 stays 0.25).
     one, quarter = bytes.fromhex("0000803f"), bytes.fromhex("0000803e")
     stats = _digest(one, quarter, one)
-    record = (f"# bnfix: eps fit to sqrt(var) + 1e-06, eps 1e-06, stats {stats} from {stats} "
-              "[undo model=none]").encode()
-    payload = (bytes.fromhex("0a026262" "120942617463684e6f726d"
-                             "3a062a040000803f" "3a062a040000803e" "3a062a040000803f" "da0805" "1dbd378635")
-               + bytes.fromhex("faffffff0f") + bytes([len(record)]) + record)
-    expected = bytes.fromhex("a206") + caffemodel.encode_varint(len(payload)) + payload
+    text = f"# bnfix: eps fit to sqrt(var) + 1e-06, eps 1e-06, stats {stats} from {stats} [undo]".encode()
+    record = bytes.fromhex("0a026262") + bytes([0x12, len(text)]) + text
+    expected = TINY + bytes.fromhex("faffffff0f") + bytes([len(record)]) + record
     assert (tmp_path / "o.caffemodel").read_bytes() == expected
-    assert cp.parse(expected).layer[0].batch_norm_param.eps == np.float32(1e-6)
+    assert cp.parse(expected).layer[0].blobs[1].data[0] == 0.25
     assert f"stats {stats} from {stats}" in (tmp_path / "o.prototxt").read_text()
 
 
@@ -100,7 +97,7 @@ def test_untouched_layers_are_byte_identical(stem, tmp_path):
     pa, pb = cp.parse(src), cp.parse(out)
     for i in changed:
         la, lb = pa.layer[i], pb.layer[i]
-        assert lb.batch_norm_param.eps == np.float32(1e-6)
+        assert la.batch_norm_param == lb.batch_norm_param  # stored parameters: left alone
         assert list(la.blobs[0].data) == list(lb.blobs[0].data)
         assert list(la.blobs[2].data) == list(lb.blobs[2].data)
         for x in (la, lb):

@@ -47,14 +47,28 @@ def strip_records(path: Path) -> bytes:
     from bnfix import caffemodel
 
     data = path.read_bytes()
-    with caffemodel.Model(path) as m:
-        out, pos = [], 0
+    keep = [data[sp.start:sp.end] for sp in caffemodel.fields(data, 0, len(data)) if sp.number != marker.RECORD_FIELD]
+    return b"".join(keep)
+
+
+def as_bnfix_1(path: Path) -> bytes:
+    """A bnfix 2 output as bnfix 1.0 wrote it: no records, and eps 1e-6 in every BatchNorm's
+    stored batch_norm_param (1.0's caffemodel-side trace)."""
+    from bnfix import caffemodel
+    from bnfix.formulas import f32
+
+    data = strip_records(path)
+    tmp = path.with_name("stripped.caffemodel")
+    tmp.write_bytes(data)
+    out, pos = [], 0
+    with caffemodel.Model(tmp) as m:
         for layer in m.layers:
             if layer.type == "BatchNorm":
-                out += [data[pos:layer.start], m.entry(layer).rebuilt({}, {marker.RECORD_FIELD: None})]
+                e = m.entry(layer)
+                out += [data[pos:layer.start], e.rebuilt({}, {caffemodel.LAYER_BN_PARAM: e.edited_bn_param(eps=f32(1e-6))})]
                 pos = layer.end
-        out.append(data[pos:])
-    return b"".join(out)
+    tmp.unlink()
+    return b"".join(out) + data[pos:]
 
 
 def _check(capsys, pp: Path, mp: Path) -> tuple[int, str]:
@@ -151,11 +165,11 @@ def test_a_corrupt_marker_or_record_names_the_file_and_layer(files, capsys):
     line = _one_error(capsys, str(files / "c.prototxt"), str(files / "p.caffemodel"), "--check")
     assert re.fullmatch(rf"bnfix: error: {files}/c\.prototxt:\d+:\d+: layer 'layer1-bn': corrupt bnfix marker: "
                         r"undo entry 'eps=abc'", line), line
-    raw = (files / "p.caffemodel").read_bytes().replace(b"[undo model.eps=none]", b"[undo model.eps=n0ne]", 1)
+    raw = (files / "p.caffemodel").read_bytes().replace(b"eps 1e-06, stats", b"eps 1e-0x, stats", 1)
     (files / "c.caffemodel").write_bytes(raw)  # same length: the protobuf framing stays valid
     line = _one_error(capsys, str(files / "p.prototxt"), str(files / "c.caffemodel"), "--check")
-    assert line == (f"bnfix: error: {files}/c.caffemodel: layer 'layer1-bn': corrupt bnfix marker: undo entry "
-                    "'model.eps=n0ne'")
+    assert line == (f"bnfix: error: {files}/c.caffemodel: layer 'layer1-bn': corrupt bnfix marker: formula "
+                    "'sqrt(var) + 1e-06', eps '1e-0x'")
 
 
 def test_bnfix_1_markers_are_upgraded_not_trusted_blindly(files, capsys):
@@ -166,13 +180,16 @@ def test_bnfix_1_markers_are_upgraded_not_trusted_blindly(files, capsys):
                   r"# bnfix: fitted to \1, eps \2 [undo eps=none model.eps=none]", (files / "p.prototxt").read_text())
     assert text.count("fitted to") == 23
     (files / "v1.prototxt").write_text(text)
-    (files / "v1.caffemodel").write_bytes(strip_records(files / "p.caffemodel"))
+    (files / "v1.caffemodel").write_bytes(as_bnfix_1(files / "p.caffemodel"))
     assert _check(capsys, files / "v1.prototxt", files / "v1.caffemodel") == (1, "")
     result = bnfix.patch(files / "v1.prototxt", files / "v1.caffemodel")
     assert all("bnfix 1.0 marker upgraded" in l.changes for l in result.layers)
     result.save(files / "u.prototxt", files / "u.caffemodel")
     assert (files / "u.prototxt").read_bytes() == (files / "p.prototxt").read_bytes()
-    assert (files / "u.caffemodel").read_bytes() == (files / "p.caffemodel").read_bytes()
+    upgraded = (files / "u.caffemodel").read_bytes()
+    assert strip_records(files / "u.caffemodel") == (files / "v1.caffemodel").read_bytes()  # statistics kept
+    assert upgraded.count(b"model.eps=none") == 23  # the record keeps what 1.0 replaced, for revert
+    assert _check(capsys, files / "u.prototxt", files / "u.caffemodel") == (0, "")
     back = bnfix.revert(files / "v1.prototxt", files / "v1.caffemodel")
     back.save(files / "b.prototxt", files / "b.caffemodel")
     assert (files / "b.prototxt").read_bytes() == P.read_bytes()

@@ -38,15 +38,16 @@ def plan_revert(g: Group, a: Assessment) -> LayerPlan:
     if a.state is State.RAW_UNDER_MARKER:
         return base._replace(changes=("prototxt restored",), before=current, after=current, reference=current,
                              reason=f"the caffemodel already held statistics bnfix never wrote: {a.detail}",
-                             warning=True)
+                             warning=True, record=None)
     originals, exact = recover(g, m)
     edits = []
     for e, st in zip(g.entries, originals):
         blobs = {0: st.mean, 1: st.var}
         if st.s != float(e.blobs[2].first()):
             blobs[2] = caffemodel.array("f", [st.s]) if e.blobs[2].dtype == "f" else caffemodel.array("d", [st.s])
-        edits.append(EntryEdit(e, blobs, {caffemodel.LAYER_BN_PARAM: _model_param(e, g.record or m),
-                                          marker.RECORD_FIELD: None}))
+        record = g.record or m
+        param = {caffemodel.LAYER_BN_PARAM: _model_param(e, record)} if _touched_param(record) else {}
+        edits.append(EntryEdit(e, blobs, param))
     if scale is not None and originals[0].gamma is not None and scale.blobs[0].encode(originals[0].gamma) != scale.blobs[0].raw:
         edits.append(EntryEdit(scale, {0: originals[0].gamma}, {}))
     undo = dict(m.undo)
@@ -61,7 +62,7 @@ def plan_revert(g: Group, a: Assessment) -> LayerPlan:
                   else "the statistics differ from the originals bnfix patched")
     return base._replace(changes=tuple(changes), reason=reason, warning=bool(reason), edits=tuple(edits),
                          eps_before=f32(m.eps), before=current, after=originals[0], reference=originals[0],
-                         inexact=inexact)
+                         inexact=inexact, record=None)
 
 
 def _original_eps(m: Marker) -> float:
@@ -69,6 +70,11 @@ def _original_eps(m: Marker) -> float:
     if text is None or text in ("none", "block"):
         return CAFFE_DEFAULT_EPS if text is not None else f32(m.eps)
     return f32(float(text.rstrip("fF")))
+
+
+def _touched_param(record: Marker) -> bool:
+    """Whether the patch changed the caffemodel's stored batch_norm_param (only bnfix 1.0 did)."""
+    return any(record.get(k) is not None for k in ("model", "model.eps", "model.ugs"))
 
 
 def _model_param(e: caffemodel.Entry, record: Marker) -> bytes | None:
