@@ -338,9 +338,13 @@ class Model:
             if sp.number == RECORD_FIELD and sp.wire == LEN:
                 self.records.append(_record(buf, sp))
             elif sp.number == LAYER and sp.wire == LEN:
-                name = type_ = None
                 # Only name and type are read; the rest of a layer is not checked until it is
                 # decoded (a layer bnfix rewrites) or copied verbatim (all the others).
+                found = _name_and_type(buf, sp.value, sp.end)
+                if found is not None:
+                    layers.append(Layer(len(layers), sp.start, sp.value, sp.end, *found))
+                    continue
+                name = type_ = None
                 for f in fields(buf, sp.value, sp.end):
                     if f.wire == LEN and f.number == LAYER_NAME:
                         name = buf[f.value : f.end].decode("utf-8", "surrogateescape")
@@ -417,6 +421,22 @@ def encode_record(layer: str, text: bytes) -> bytes:
     """A record field, as ``Model`` reads it back."""
     payload = field_bytes(RECORD_NAME, layer.encode("utf-8", "surrogateescape")) + field_bytes(RECORD_TEXT, text)
     return field_bytes(RECORD_FIELD, payload)
+
+
+def _name_and_type(buf: mmap.mmap, start: int, end: int) -> tuple[str, str] | None:
+    """name and type when a layer starts with them, as Caffe writes every layer (one read of
+    each instead of a field walk); None for any other layout."""
+    if start + 1 >= end or buf[start] != 0x0A:
+        return None
+    length, pos = read_varint(buf, start + 1, end)
+    name_end = pos + length
+    if name_end >= end or buf[name_end] != 0x12:
+        return None
+    type_length, type_pos = read_varint(buf, name_end + 1, end)
+    if type_pos + type_length > end:
+        return None
+    return (buf[pos:name_end].decode("utf-8", "surrogateescape"),
+            buf[type_pos : type_pos + type_length].decode("utf-8", "surrogateescape"))
 
 
 def decode_entry(layer: Layer, payload: bytes) -> Entry:

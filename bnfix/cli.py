@@ -180,6 +180,7 @@ class _Run:
         self.console = None if args.quiet else _console(args)
         self.written: set[Path] = set()
         self.seen: set[tuple[str, str]] = set()
+        self._listed: dict[Path, list[str]] = {}  # per output directory: leftovers of killed runs
         self.code = EXIT_OK
         self.failed = self.unpaired = 0
         from . import report
@@ -355,8 +356,9 @@ class _Run:
                 created += commit.make_dirs(out.parent)
             with lock.acquire(exclusive=exclusive, shared=shared, wait=args.wait, owner=owner):
                 for out in outs or ():
-                    for stale in commit.sweep(out):
+                    for stale in commit.sweep(out, self._leftovers):
                         self._note(f"removed {stale}, left by an interrupted bnfix")
+                        self._listed[stale.parent].remove(stale.name)
                 result = pipeline.revert(*inputs) if args.revert else pipeline.run(
                     *inputs, self.options, pipeline.Mode.PATCH)
                 try:
@@ -383,6 +385,15 @@ class _Run:
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
                     progress=_bytes_progress(self.console, job.caffemodel) if self.single else None, lock=False)
         self.written.update(Path(os.path.realpath(o)) for o in outs)
+
+    def _leftovers(self, directory: Path) -> list[str]:
+        """commit.leftovers, listed once per directory and run (a tree's output directory may
+        hold thousands of pairs: listing it per pair would cost time quadratic in them)."""
+        from . import commit
+
+        if directory not in self._listed:
+            self._listed[directory] = commit.leftovers(directory)
+        return self._listed[directory]
 
     def _check_outputs(self, job: Job, outs: tuple[Path, Path]) -> None:
         from .errors import UsageError

@@ -216,19 +216,25 @@ def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True
         raise
 
 
-def sweep(path: Path) -> list[Path]:
+def leftovers(directory: Path) -> list[str]:
+    """The names in ``directory`` that look like bnfix temp files or rollback links."""
+    return [e.name for e in os.scandir(directory) if e.name.endswith((TMP, OLD))]
+
+
+def sweep(path: Path, listing: Callable[[Path], list[str]] = leftovers) -> list[Path]:
     """Remove the temp files and rollback links a killed bnfix left for ``path`` (and for its
     ``.orig`` backup; for a symlink, also beside the file it points to); return their paths.
 
     Call it only while holding ``path``'s exclusive lock: without it, the files may belong to a
-    bnfix that is still running.
+    bnfix that is still running.  ``listing`` lists a directory's candidates (a run over many
+    pairs in one directory passes a cached one, so it does not list the directory per pair).
     """
     path = Path(path)
     removed: list[Path] = []
     for target in dict.fromkeys((path, Path(os.path.realpath(path)))):
         prefixes = tuple(f".{fit_name(name, _ROOM)}." for name in (target.name, target.name + ".orig"))
         try:
-            entries = [e.name for e in os.scandir(target.parent)]
+            entries = listing(target.parent)
         except FileNotFoundError:
             continue
         except OSError as exc:

@@ -26,12 +26,32 @@ class Placed(NamedTuple):
     end: int
 
 
-class Companion(NamedTuple):
-    """The Scale layer a BatchNorm feeds: its prototxt layer and its caffemodel entries."""
+class Companion:
+    """The Scale layer a BatchNorm feeds: its prototxt layer and its caffemodel entries.
 
-    proto: prototxt.Layer
-    entries: tuple[caffemodel.Entry, ...]
-    adjacent: bool  # the very next layer in the prototxt (caffe2onnx pairs only those)
+    The entries are decoded on first use: only the scale strategy (or undoing it) reads them.
+    """
+
+    __slots__ = ("_entries", "_layers", "_model", "adjacent", "channels", "proto")
+
+    def __init__(self, proto: prototxt.Layer, layers: Sequence[caffemodel.Layer], model: caffemodel.Model,
+                 channels: int, adjacent: bool):
+        self.proto, self._layers, self._model = proto, tuple(layers), model
+        self.channels, self.adjacent = channels, adjacent  # adjacent: the very next layer (caffe2onnx)
+        self._entries: tuple[caffemodel.Entry, ...] | None = None
+
+    @property
+    def entries(self) -> tuple[caffemodel.Entry, ...]:
+        if self._entries is None:
+            self._entries = tuple(self._model.entry(e) for e in self._layers)
+        return self._entries
+
+    def problem(self) -> str:
+        """Why its caffemodel entries cannot take a fold ("" when they can)."""
+        for e in self.entries:
+            if not 1 <= len(e.blobs) <= 2 or any(b.count != self.channels for b in e.blobs):
+                return f"Scale layer {self.proto.name!r} does not hold {self.channels} gamma (and beta) values"
+        return ""
 
 
 class Group(NamedTuple):
@@ -55,10 +75,11 @@ class Group(NamedTuple):
         blobs = self.entries[0].blobs
         return blobs[0].count if blobs else 0
 
-    def stat_parts(self) -> list[bytes]:
-        """The stored bytes a digest covers: every BatchNorm blob, then the Scale's blobs."""
+    def stat_parts(self, with_scale: bool) -> list[bytes]:
+        """The stored bytes a digest covers: every BatchNorm blob, then, for the scale strategy
+        (which writes gamma), the Scale's blobs."""
         parts = [b.raw for e in self.entries for b in e.blobs]
-        if self.scale is not None:
+        if with_scale and self.scale is not None:
             parts += [b.raw for e in self.scale.entries for b in e.blobs]
         return parts
 
@@ -90,6 +111,7 @@ def pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[Group], 
         by_name.setdefault(layer.name, []).append(layer)
     layers = doc.layers()
     position = {id(layer): i for i, layer in enumerate(layers)}
+    flow = _Flow(layers)
     proto_by_name: dict[str, list[prototxt.Layer]] = {}
     for layer in layers:
         if layer.type != "BatchNorm":
@@ -103,7 +125,7 @@ def pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[Group], 
     for name, proto in proto_by_name.items():
         entries = _entries(name, by_name.get(name, []), "BatchNorm", model, doc)
         channels = entries[0].blobs[0].count if entries[0].blobs else 0
-        scale, why = _companion(layers, position, proto, channels, by_name, model)
+        scale, why = _companion(flow, position, proto, channels, by_name, model)
         placed = tuple(find_marker(layer) for layer in proto)
         _same_markers(name, placed, doc)
         bn = next((l for l in proto if l.runs_at_test), proto[0])
@@ -152,23 +174,40 @@ def _same_markers(name: str, placed: Sequence[Placed | None], doc: prototxt.Docu
                           "restore the prototxt (e.g. from its .orig) and run bnfix again")
 
 
-def _companion(layers: Sequence[prototxt.Layer], positions: dict[int, int], proto: Sequence[prototxt.Layer],
-               channels: int,
+class _Flow:
+    """Each layer's bottoms, tops and TEST-time flag, read once per layer and pair (a scan for
+    the readers of a BatchNorm's output visits the layers after it)."""
+
+    def __init__(self, layers: Sequence[prototxt.Layer]):
+        self.layers = layers
+        self._io: list[tuple[list[str], list[str], bool] | None] = [None] * len(layers)
+
+    def io(self, i: int) -> tuple[list[str], list[str], bool]:
+        found = self._io[i]
+        if found is None:
+            layer = self.layers[i]
+            found = self._io[i] = (layer.bottoms, layer.tops, layer.runs_at_test)
+        return found
+
+
+def _companion(flow: _Flow, positions: dict[int, int], proto: Sequence[prototxt.Layer], channels: int,
                by_name: dict[str, list[caffemodel.Layer]], model: caffemodel.Model
                ) -> tuple[Companion | None, str]:
     """The Scale layer that alone consumes the BatchNorm's output at TEST time, or why none."""
+    layers = flow.layers
     bn = next((l for l in proto if l.runs_at_test), proto[0])
     if len(bn.tops) != 1:
         return None, f"the BatchNorm has {len(bn.tops)} tops"
     blob = bn.tops[0]
     position = positions[id(bn)]
     readers = []
-    for layer in layers[position + 1 :]:
-        if not layer.runs_at_test:
+    for i in range(position + 1, len(layers)):
+        bottoms, tops, at_test = flow.io(i)
+        if not at_test:
             continue
-        if blob in layer.bottoms:
-            readers.append(layer)
-        if blob in layer.tops:
+        if blob in bottoms:
+            readers.append(layers[i])
+        if blob in tops:
             break
     if not readers:
         return None, f"no layer reads its output {blob!r}"
@@ -186,9 +225,4 @@ def _companion(layers: Sequence[prototxt.Layer], positions: dict[int, int], prot
     found = by_name.get(first.name, [])
     if not found or any(e.type != "Scale" for e in found):
         return None, f"Scale layer {first.name!r} has no Scale entry in the caffemodel"
-    entries = tuple(model.entry(e) for e in found)
-    for e in entries:
-        if not 1 <= len(e.blobs) <= 2 or any(b.count != channels for b in e.blobs):
-            return None, f"Scale layer {first.name!r} does not hold {channels} gamma (and beta) values"
-    adjacent = positions[id(first)] == position + 1
-    return Companion(first, entries, adjacent), ""
+    return Companion(first, found, model, channels, positions[id(first)] == position + 1), ""

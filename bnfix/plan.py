@@ -111,8 +111,9 @@ def written_eps(g: Group) -> float | None:
     return test[0].eps
 
 
-def _scale_entry(g: Group) -> caffemodel.Entry | None:
-    return None if g.scale is None else g.scale.entries[0]
+def _scale_entry(g: Group, strategy: StrategyName) -> caffemodel.Entry | None:
+    """The Scale entry whose gamma a strategy reads (the scale strategy's only)."""
+    return g.scale.entries[0] if g.scale is not None and strategy is StrategyName.SCALE else None
 
 
 # -- deciding --------------------------------------------------------------------------------
@@ -133,8 +134,9 @@ def plan_patch(g: Group, a: Assessment, opts: Options, model_path: Path) -> Laye
     reason = get(strategy).unusable(g)
     if reason:
         strategy, fallback = StrategyName.EPS, f"eps strategy: {reason}"
-    current = [stats_of(e, _scale_entry(g)) for e in g.entries]
     m = g.marker
+    reads_gamma = StrategyName.SCALE if StrategyName.SCALE in (strategy, m.strategy if m else None) else strategy
+    current = [stats_of(e, _scale_entry(g, reads_gamma)) for e in g.entries]
     base = base._replace(before=current[0], reference=current[0], formula=opts.source, strategy=strategy,
                          scale_layer=g.scale.proto.name if strategy is StrategyName.SCALE and g.scale else None,
                          changed=get(strategy).changed)
@@ -147,19 +149,20 @@ def plan_patch(g: Group, a: Assessment, opts: Options, model_path: Path) -> Laye
         if same and a.state is State.PATCHED:
             return base._replace(status=Status.UP_TO_DATE, reason="already patched by bnfix",
                                  before=None, reference=None)
-        originals, _ = recover(g, m)
+        originals, _ = recover(g, m, reads_gamma)
         if not same and not opts.force:
             return base._replace(
                 reason=f"patched by bnfix ({m.strategy.value} fit to {m.formula.expression}, eps {m.eps!r}); "
                        "--force re-fits it from the original statistics", warning=True, reference=originals[0])
         note = "bnfix 1.0 marker upgraded" if same else "re-fitted from the original statistics"
-        origin = m.origin if m.origin is not None else digest_of(g, originals)
+        # The "from" digest covers what the strategy reads: kept only if the strategy is.
+        origin = m.origin if m.origin is not None and m.strategy is strategy else digest_of(g, originals, strategy)
         return _fit(g, opts, strategy, originals, origin, eps_orig, base, [note], fallback, model_path)
 
     trained = _trained(current[0].s, opts)
     if trained:
         return base._replace(reason=trained, warning=True)
-    origin = marker.digest(g.stat_parts())
+    origin = marker.digest(g.stat_parts(strategy is StrategyName.SCALE))
     if a.state is State.RAW_UNDER_MARKER:
         assert m is not None
         note = f"statistics refitted under the existing bnfix marker: {a.detail}"
@@ -193,12 +196,14 @@ def _original_eps(m: Marker, eps_now: float) -> float:
     return float(text.rstrip("fF"))
 
 
-def recover(g: Group, m: Marker) -> tuple[list[Stats], list[bool]]:
+def recover(g: Group, m: Marker, reads: StrategyName | None = None) -> tuple[list[Stats], list[bool]]:
     """The original statistics of every entry of a patched layer, undone through its markers,
     and per channel of the first entry whether they are the originals bit for bit.
 
     Where float32 maps several originals to one stored value, the ``from`` digest picks the
-    combination that is the original, if there are few enough to try (MAX_TRIES)."""
+    combination that is the original, if there are few enough to try (MAX_TRIES).  ``reads``
+    SCALE also reads gamma where the marker's strategy did not change it (for a re-fit into
+    the scale strategy)."""
     record = g.record if g.record is not None else m
     s_text = record.get("s")
     strategy = get(m.strategy)
@@ -206,13 +211,13 @@ def recover(g: Group, m: Marker) -> tuple[list[Stats], list[bool]]:
     for e in g.entries:
         s_stored = float(e.blobs[2].first())
         fit = Fit(m.formula, m.eps, s_stored if s_text is None else float(s_text), s_stored)
-        st, hits = strategy.unfit(stats_of(e, _scale_entry(g)), fit)
+        st, hits = strategy.unfit(stats_of(e, _scale_entry(g, reads or m.strategy)), fit)
         out.append(st)
         candidates.append(hits)
     first = candidates[0]
-    if m.origin is None or digest_of(g, out) == m.origin:
+    if m.origin is None or digest_of(g, out, m.strategy) == m.origin:
         return out, [m.origin is not None or len(h) == 1 for h in first]
-    resolved = _resolve(g, out, first, strategy.field, m.origin)
+    resolved = _resolve(g, out, first, m.strategy, m.origin)
     if resolved is not None:
         return resolved, [True] * len(first)
     return out, [len(h) == 1 for h in first]
@@ -221,10 +226,12 @@ def recover(g: Group, m: Marker) -> tuple[list[Stats], list[bool]]:
 MAX_TRIES = 4096  # combinations of ambiguous channels tried against the ``from`` digest
 
 
-def _resolve(g: Group, stats: list[Stats], hits: list[list[float]], field: str, origin: str) -> list[Stats] | None:
+def _resolve(g: Group, stats: list[Stats], hits: list[list[float]], strategy: StrategyName,
+             origin: str) -> list[Stats] | None:
     """The choice among ambiguous channels (first entry) whose digest is ``origin``, if any."""
     import itertools
 
+    field = get(strategy).field
     ambiguous = [(i, h) for i, h in enumerate(hits) if len(h) > 1]
     if not ambiguous or any(not h for h in hits) or math.prod(len(h) for _, h in ambiguous) > MAX_TRIES:
         return None
@@ -234,22 +241,22 @@ def _resolve(g: Group, stats: list[Stats], hits: list[list[float]], field: str, 
         for (i, _), v in zip(ambiguous, choice):
             values[i] = v
         trial = [stats[0]._replace(**{field: values})] + stats[1:]
-        if digest_of(g, trial) == origin:
+        if digest_of(g, trial, strategy) == origin:
             return trial
     return None
 
 
-def digest_of(g: Group, stats: Sequence[Stats]) -> str:
-    """The digest ``Group.stat_parts`` would give if the entries held ``stats``."""
-    return marker.digest(_parts(g, stats))
+def digest_of(g: Group, stats: Sequence[Stats], strategy: StrategyName) -> str:
+    """The digest ``Group.stat_parts`` would give (for ``strategy``) if the entries held ``stats``."""
+    return marker.digest(_parts(g, stats, strategy is StrategyName.SCALE))
 
 
-def _parts(g: Group, stats: Sequence[Stats]) -> list[bytes]:
+def _parts(g: Group, stats: Sequence[Stats], with_scale: bool) -> list[bytes]:
     parts = []
     for e, st in zip(g.entries, stats):
         b = e.blobs
         parts += [b[0].encode(st.mean), b[1].encode(st.var), b[2].encode([st.s])] + [x.raw for x in b[3:]]
-    if g.scale is not None:
+    if with_scale and g.scale is not None:
         for i, e in enumerate(g.scale.entries):
             gamma = stats[0].gamma if i == 0 else None
             parts += [e.blobs[0].raw if gamma is None else e.blobs[0].encode(gamma)] + [x.raw for x in e.blobs[1:]]
@@ -287,7 +294,7 @@ def _fit(g: Group, opts: Options, strategy: StrategyName, originals: list[Stats]
     # The caffemodel keeps its own undo information; an earlier patch's record already has it.
     m = g.marker
     prior = g.record if g.record is not None else (m if m is not None and m.legacy else None)
-    record = Marker(strategy, opts.source, eps_new, digest_of(g, new), origin,
+    record = Marker(strategy, opts.source, eps_new, digest_of(g, new, strategy), origin,
                     tuple(_entry_undo(g.entries[0], prior, s_orig, s_new)))
     # Only blob values change: every entry keeps its length (and every later byte its offset).
     edits = []

@@ -38,6 +38,7 @@ from . import marker
 from .errors import InconsistentPair
 from .formulas import f32
 from .pairing import Group
+from .result import StrategyName
 
 
 class State(str, Enum):
@@ -76,7 +77,7 @@ def assess(g: Group, prototxt: Path, model: Path) -> Assessment:
         if all(p is not None and p.eps == f32(m.eps) for p in stored):
             return Assessment(State.LEGACY)
         return Assessment(State.RAW_UNDER_MARKER, "its statistics were never patched by bnfix 1.0")
-    current = marker.digest(g.stat_parts())
+    current = marker.digest(g.stat_parts(m.strategy is StrategyName.SCALE))
     if r is None:
         if current == m.stats:
             return Assessment(State.PATCHED)

@@ -89,36 +89,71 @@ def entry(written: bytes, original: bytes, blobs: Mapping[int, Sequence[float]],
     payload = written[pos:]
     if len(payload) != length:
         raise AssertionError("internal error: a rebuilt entry's length prefix is wrong")
-    new, old = _fields(payload), _fields(original)
+    new = _fields(payload)
+    decoded, ranges = [], []
+    offset = 0
+    for number, wire, whole, value in new:
+        if number == _BLOBS and wire == 2:
+            start = offset + len(whole) - len(value)  # the blob message inside the payload
+            values, blob_ranges = _blob(value, start)
+            decoded.append(values)
+            ranges += blob_ranges
+        offset += len(whole)
+    if not replace and len(payload) == len(original):
+        # Only values changed: every other byte must be the original's, position for position.
+        pos = 0
+        for a, b in ranges:
+            if payload[pos:a] != original[pos:a]:
+                raise AssertionError("internal error: a rebuilt entry changed bytes outside its blob values")
+            pos = b
+        if payload[pos:] != original[pos:]:
+            raise AssertionError("internal error: a rebuilt entry changed bytes outside its blob values")
+        old_blobs = [v for n, w, _, v in _fields(original) if n == _BLOBS and w == 2]
+    else:
+        old = _fields(original)
 
-    def kept(fields: list[tuple[int, int, bytes, bytes]]) -> list[bytes]:
-        return [whole for number, _, whole, _ in fields if number != _BLOBS and number not in replace]
+        def kept(fields: list[tuple[int, int, bytes, bytes]]) -> list[bytes]:
+            return [whole for number, _, whole, _ in fields if number != _BLOBS and number not in replace]
 
-    if kept(new) != kept(old):
-        raise AssertionError("internal error: a rebuilt entry changed fields bnfix does not edit")
-    new_blobs = [v for n, w, _, v in new if n == _BLOBS and w == 2]
-    old_blobs = [v for n, w, _, v in old if n == _BLOBS and w == 2]
-    if len(new_blobs) != len(old_blobs):
+        if kept(new) != kept(old):
+            raise AssertionError("internal error: a rebuilt entry changed fields bnfix does not edit")
+        old_blobs = [v for n, w, _, v in old if n == _BLOBS and w == 2]
+        for nb, ob in zip([v for n, w, _, v in new if n == _BLOBS and w == 2], old_blobs):
+            if _blob_values(nb)[1] != _blob_values(ob)[1]:
+                raise AssertionError("internal error: a rebuilt blob changed fields other than its values")
+        for number, payload_want in replace.items():
+            found = [v for n, w, _, v in new if n == number and w == 2]
+            if (payload_want is None and found) or (payload_want is not None and found != [payload_want]):
+                raise AssertionError(f"internal error: field {number} of a rebuilt entry is not the intended bytes")
+            if number == _BN_PARAM and payload_want is not None:
+                _check_eps(payload_want)
+    if len(decoded) != len(old_blobs):
         raise AssertionError("internal error: a rebuilt entry has a different number of blobs")
-    decoded = []
-    for i, (nb, ob) in enumerate(zip(new_blobs, old_blobs)):
-        values, other = _blob_values(nb)
-        old_values, old_other = _blob_values(ob)
-        want = array(values.typecode, blobs[i]) if i in blobs else old_values
-        if other != old_other or values.tobytes() != want.tobytes():
+    for i, values in enumerate(decoded):
+        want = array(values.typecode, blobs[i]) if i in blobs else _blob_values(old_blobs[i])[0]
+        if values.tobytes() != want.tobytes():
             raise AssertionError(f"internal error: blob {i} of a rebuilt entry does not hold the intended values")
-        decoded.append(values)
-    for number, payload_want in replace.items():
-        found = [v for n, w, _, v in new if n == number and w == 2]
-        if payload_want is None:
-            if found:
-                raise AssertionError(f"internal error: field {number} was not removed")
-            continue
-        if found != [payload_want]:
-            raise AssertionError(f"internal error: field {number} of a rebuilt entry is not the intended bytes")
-        if number == _BN_PARAM:
-            _check_eps(payload_want)
     return decoded
+
+
+def _blob(blob: bytes, base: int) -> tuple[array[float], list[tuple[int, int]]]:
+    """A BlobProto's values and the byte ranges (offsets from ``base``) that hold them."""
+    single, double = array("f"), array("d")
+    ranges_f, ranges_d = [], []
+    offset = base
+    for number, _, whole, value in _fields(blob):
+        at = offset + len(whole) - len(value)
+        if number == 5:
+            single.frombytes(value)
+            ranges_f.append((at, at + len(value)))
+        elif number == 8:
+            double.frombytes(value)
+            ranges_d.append((at, at + len(value)))
+        offset += len(whole)
+    values, ranges = (double, ranges_d) if len(double) else (single, ranges_f)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values, ranges
 
 
 def _check_eps(param: bytes) -> None:

@@ -28,7 +28,7 @@ def plan_revert(g: Group, a: Assessment) -> LayerPlan:
     problem = next((p for p in map(layout_problem, g.entries) if p), "")
     if problem:
         return base._replace(reason=problem, warning=True)
-    scale = g.scale.entries[0] if g.scale is not None else None
+    scale = g.scale.entries[0] if g.scale is not None and m.strategy.value == "scale" else None
     current = stats_of(g.entries[0], scale)
     splices = [sp for layer, placed in zip(g.proto, g.markers) for sp in _prototxt_undo(layer, placed)]
     eps_orig = _original_eps(m)
@@ -56,7 +56,7 @@ def plan_revert(g: Group, a: Assessment) -> LayerPlan:
                                ("s", "scale factor restored")) if key in undo or (g.record and g.record.get(key))]
     inexact = tuple(i for i, ok in enumerate(exact) if not ok)
     reason = ""
-    if inexact or (m.origin is not None and digest_of(g, originals) != m.origin):
+    if inexact or (m.origin is not None and digest_of(g, originals, m.strategy) != m.origin):
         listed = ", ".join(map(str, inexact[:8])) + (" …" if len(inexact) > 8 else "")
         reason = (f"{len(inexact)} channel(s) not restorable bit for bit (float32 round trip): {listed}" if inexact
                   else "the statistics differ from the originals bnfix patched")

@@ -26,7 +26,7 @@ class ScaleStrategy:
             return f"no Scale layer to fold into: {g.no_scale}"
         if len(g.entries) != 1 or len(g.scale.entries) != 1:
             return "several caffemodel entries share its name or its Scale layer's"
-        return ""
+        return g.scale.problem()
 
     def fit(self, orig: Stats, fit: Fit) -> Stats:
         assert orig.gamma is not None
