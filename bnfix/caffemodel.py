@@ -39,6 +39,7 @@ import sys
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import EllipsisType
 from typing import NamedTuple
 
 from . import files
@@ -152,7 +153,7 @@ class Layer(NamedTuple):
     """A top-level ``layer`` entry: its position among the layer entries, the offsets of its key,
     payload and end, and the two fields read from every layer."""
 
-    index: int
+    position: int
     start: int
     payload: int
     end: int
@@ -196,7 +197,7 @@ class Blob:
     @functools.cached_property
     def values(self) -> array[float]:
         """The values as an ``array('f')`` or ``array('d')`` (a copy, made once)."""
-        out = array(self.dtype)
+        out: array[float] = array(self.dtype)
         out.frombytes(self.raw)
         if sys.byteorder == "big":  # protobuf is little-endian on the wire
             out.byteswap()
@@ -226,7 +227,7 @@ class ParamFields(NamedTuple):
     use_global_stats: bool | None
 
 
-Keep = type(...)  # "leave this field as it is" in Entry.rebuilt / edited_bn_param
+Keep = EllipsisType  # "leave this field as it is" in Entry.edited_bn_param
 
 
 class Entry:

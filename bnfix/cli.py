@@ -339,6 +339,7 @@ class _Run:
 
     def _process(self, job: Job) -> Result:
         from . import commit, lock, pipeline
+        from .result import Mode
 
         args = self.args
         outs = job.outputs
@@ -359,8 +360,7 @@ class _Run:
                     for stale in commit.sweep(out, self._leftovers):
                         self._note(f"removed {stale}, left by an interrupted bnfix")
                         self._listed[stale.parent].remove(stale.name)
-                result = pipeline.revert(*inputs) if args.revert else pipeline.run(
-                    *inputs, self.options, pipeline.Mode.PATCH)
+                result = pipeline.revert(*inputs) if args.revert else pipeline.run(*inputs, self.options, Mode.PATCH)
                 try:
                     self._finish(job, result, outs)
                 except BaseException:
@@ -489,8 +489,8 @@ class _Progress:
         if self.bar is None:
             from rich.progress import Progress, SpinnerColumn, TextColumn
 
-            self.bar = Progress(SpinnerColumn(), TextColumn("{task.completed} pair(s)"), TextColumn("{task.description}"),
-                                console=self.console, transient=True)
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.completed} pair(s)"),
+                                TextColumn("{task.description}"), console=self.console, transient=True)
             self.task = self.bar.add_task(str(path), total=None)
             self.bar.start()
         self.bar.update(self.task, completed=self.done, description=str(path))

@@ -78,8 +78,8 @@ def source_warning(header: darknet.WeightsHeader, source: Formula) -> str:
             "(which matches only AlexeyAB builds before 2020-02)")
 
 
-def crosscheck(prototxt_path, caffemodel_path, weights_path, cfg_path=None,
-               source: Formula = PRESETS[DEFAULT_SOURCE]) -> CrossCheck:
+def crosscheck(prototxt_path: str | Path, caffemodel_path: str | Path, weights_path: str | Path,
+               cfg_path: str | Path | None = None, source: Formula = PRESETS[DEFAULT_SOURCE]) -> CrossCheck:
     """Read the Darknet originals and compare (no file is written)."""
     weights = Path(weights_path)
     if cfg_path is None:
@@ -147,8 +147,9 @@ def _match(st: Stats, marker: Marker | None, dn: darknet.DarknetBN) -> tuple[str
         return (RECOVERED if marker is not None else EXACT), dm, dv
     # With s != 1 the file holds float32(stat * s): equal to Darknet's within two roundings,
     # or one denormal step for dead channels.
-    tol = dict(rtol=2**-22, atol=float(np.finfo(np.float32).smallest_subnormal))
-    if s != 1.0 and np.allclose(mean_eff, dn.mean, **tol) and np.allclose(var_eff, dn.variance, **tol):
+    rtol, atol = 2**-22, float(np.finfo(np.float32).smallest_subnormal)
+    if s != 1.0 and np.allclose(mean_eff, dn.mean, rtol=rtol, atol=atol) and np.allclose(
+            var_eff, dn.variance, rtol=rtol, atol=atol):
         return ROUNDING, dm, dv
     if marker is not None:
         # Channels a patch cannot give back bit for bit (near-zero variance) still count as a

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import BinaryIO
 
 import numpy as np
 
@@ -327,7 +328,7 @@ def _connected(x: _Ctx) -> _Layer:
     """Note the order: biases, weights, then scales/mean/variance (``load_connected_weights``)."""
     n = x.get_int("output", 1, minimum=1)
     bn = bool(x.get_int("batch_normalize", 0))
-    blocks = (_Block("biases", n), _Block("weights", x.inp.outputs * n))
+    blocks: tuple[_Block, ...] = (_Block("biases", n), _Block("weights", x.inp.outputs * n))
     blocks += _bn_blocks(n, biases=False) if bn else ()
     return _Layer(_Shape(1, 1, n, n), blocks, "connected" if bn else None, n)
 
@@ -541,7 +542,7 @@ class DarknetBN:
     line: int = 0  # cfg line of the section header
 
 
-def _read_floats(f, offset: int, count: int) -> np.ndarray:
+def _read_floats(f: BinaryIO, offset: int, count: int) -> np.ndarray:
     f.seek(offset)
     arr = np.frombuffer(f.read(count * 4), dtype="<f4").astype(np.float32)
     arr.setflags(write=False)

@@ -71,7 +71,7 @@ def f32(x: float) -> float:
     """The float32 value Caffe holds for a float field (``1e-6`` is 9.99999997e-07)."""
     if not math.isfinite(x) or abs(x) >= 3.4028235677973366e38:
         return x if not math.isfinite(x) else math.copysign(math.inf, x)
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+    return float(struct.unpack("<f", struct.pack("<f", x))[0])
 
 
 def same_eps(a: float, b: float) -> bool:

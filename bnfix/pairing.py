@@ -107,8 +107,8 @@ def find_marker(layer: prototxt.Layer) -> Placed | None:
 def pair(doc: prototxt.Document, model: caffemodel.Model) -> tuple[list[Group], list[str]]:
     """Group the prototxt's BatchNorm layers by name and find each in the caffemodel."""
     by_name: dict[str, list[caffemodel.Layer]] = {}
-    for layer in model.layers:
-        by_name.setdefault(layer.name, []).append(layer)
+    for entry in model.layers:
+        by_name.setdefault(entry.name, []).append(entry)
     layers = doc.layers()
     position = {id(layer): i for i, layer in enumerate(layers)}
     flow = _Flow(layers)

@@ -9,7 +9,7 @@ needed, and nothing is written until :meth:`Result.save`, which commits the pair
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -124,9 +124,9 @@ class Result:
         there, byte for byte."""
         model = self._model
         mine = {p.name: p.record for p in self.plans}
-        order = {}
+        order: dict[str, int] = {}
         for layer in model.layers:
-            order.setdefault(layer.name, layer.index)
+            order.setdefault(layer.name, layer.position)
         wanted = [(name, m.record()) for name, m in mine.items() if m is not None]
         wanted += [(r.layer, r.text) for r in model.records if r.layer not in mine]
         wanted.sort(key=lambda item: (order.get(item[0], len(order)), item[0]))

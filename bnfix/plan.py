@@ -18,6 +18,7 @@ Nothing is encoded or written here; ``pipeline.py`` does that and verifies the b
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -237,10 +238,11 @@ def _resolve(g: Group, stats: list[Stats], hits: list[list[float]], strategy: St
         return None
     base = getattr(stats[0], field)
     for choice in itertools.product(*(h for _, h in ambiguous)):
-        values = sem.array(base.typecode, base)
+        values = array(base.typecode, base)
         for (i, _), v in zip(ambiguous, choice):
             values[i] = v
-        trial = [stats[0]._replace(**{field: values})] + stats[1:]
+        first = stats[0]._replace(var=values) if field == "var" else stats[0]._replace(gamma=values)
+        trial = [first] + stats[1:]
         if digest_of(g, trial, strategy) == origin:
             return trial
     return None

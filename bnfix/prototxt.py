@@ -733,7 +733,8 @@ class Document:
                 break
             while i < len(todo) and todo[i].start <= b:
                 if todo[i].end > b:
-                    raise AssertionError(f"internal error: edit across the end of a layer at {self.where(todo[i].start)}")
+                    where = self.where(todo[i].start)
+                    raise AssertionError(f"internal error: edit across the end of a layer at {where}")
                 inside.append(todo[i])
                 i += 1
             if inside:
@@ -831,7 +832,8 @@ class Layer:
                 raise self.doc.error(f.start, f"layer {self.name!r}: {key} is a block, not a string")
             for group in f.groups():
                 if any(t.kind != "string" for t in group):
-                    raise self.doc.error(group[0].start, f"layer {self.name!r}: {key} {group[0].text!r} is not a string")
+                    what = f"layer {self.name!r}: {key} {group[0].text!r} is not a string"
+                    raise self.doc.error(group[0].start, what)
                 raw = bytearray()
                 for t in group:
                     raw += _unescape_literal(t.text[1:-1])
@@ -916,7 +918,8 @@ class Layer:
             return None
         value = self.number(f)
         if not (0 <= value < float("inf")):  # Caffe would divide by sqrt(var + eps): NaN or 0
-            raise self.doc.error(f.vstart, f"layer {self.name!r}: eps {self._value_text(f)!r} is not a finite number >= 0")
+            text = self._value_text(f)
+            raise self.doc.error(f.vstart, f"layer {self.name!r}: eps {text!r} is not a finite number >= 0")
         return value
 
     @property

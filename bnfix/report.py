@@ -240,7 +240,8 @@ def table(result: Result) -> RenderableType:
         how = "reverting bnfix patches (formula and eps read from each layer's markers)"
     else:
         how = f"Darknet formula assumed: [cyan]D = {escape(str(src))}[/]; " + escape("; ".join(result.options.choices))
-    title = Text.from_markup(f"[bold]{escape(str(result.prototxt))}[/] + [bold]{escape(str(result.caffemodel))}[/]\n{how}")
+    pair = f"[bold]{escape(str(result.prototxt))}[/] + [bold]{escape(str(result.caffemodel))}[/]"
+    title = Text.from_markup(f"{pair}\n{how}")
     t = Table(show_lines=False, header_style="bold", expand=False)
     t.add_column("layer", overflow="fold")
     t.add_column("ch", justify="right")

@@ -37,7 +37,8 @@ class Runtime(NamedTuple):
 
 RUNTIMES: tuple[Runtime, ...] = (
     Runtime("caffe", "BVLC Caffe", source="BVLC/caffe 9b89154 src/caffe/layers/batch_norm_layer.cpp:21,100-105"),
-    Runtime("opencv", "OpenCV dnn", source="opencv 4.14.0 modules/dnn/src/layers/batch_norm_layer.cpp:56,66-72,104-106"),
+    Runtime("opencv", "OpenCV dnn",
+            source="opencv 4.14.0 modules/dnn/src/layers/batch_norm_layer.cpp:56,66-72,104-106"),
     Runtime("mnn", "MNN", source="alibaba/MNN 3.6.1 tools/converter/source/caffe/BatchNormalScale.cpp:25-58"),
     Runtime("openvino", "OpenVINO MO", source="openvino-dev 2023.3.0 mo/front/caffe/batchnorm_ext.py:18,26-34"),
     Runtime("ncnn", "ncnn", source="Tencent/ncnn tools/caffe/caffe2ncnn.cpp:286-314, src/layer/batchnorm.cpp:47-54"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .formulas import DEFAULT_SOURCE, PRESETS, Formula, f32, parse_source, same_eps  # noqa: F401 (re-exported)
@@ -31,12 +31,12 @@ else:
     Array = array
 
 
-def to_f32(values: Floats) -> array:
+def to_f32(values: Iterable[float]) -> Array:
     """Round each value to float32 (as Caffe stores it)."""
     return array("f", values)
 
 
-def caffe_denominator(b1: Floats, s: float, eps: float) -> array:
+def caffe_denominator(b1: Floats, s: float, eps: float) -> Array:
     """``sqrt(b1 * (1/s) + eps)`` exactly as BVLC BatchNormLayer::Forward_cpu does, in float32.
 
     ``s == 0`` gives a zero factor (Caffe's guard), which zeroes the statistics.
@@ -49,7 +49,7 @@ def caffe_denominator(b1: Floats, s: float, eps: float) -> array:
     return to_f32(_sqrts(total))
 
 
-def _sqrts(values: Floats):
+def _sqrts(values: Floats) -> Iterable[float]:
     """sqrt of each value, NaN for a negative one (as C and numpy give); one C loop when all are >= 0."""
     if not len(values) or min(values) >= 0:
         return map(math.sqrt, values)
@@ -76,13 +76,13 @@ def denominator_error(stored: Floats, s: float, eps: float, var: Floats, formula
     return relative_error(caffe_denominator(stored, s, eps), darknet_denominator(var, formula))
 
 
-def stored_variance(target: Floats, s: float, eps: float) -> array:
+def stored_variance(target: Floats, s: float, eps: float) -> Array:
     """The float32 ``b1'`` for which Caffe's denominator is ``target`` (see patched_variance)."""
     eps32, s = f32(eps), float(s)
     return to_f32([s * (d * d - eps32) for d in target])
 
 
-def patched_variance(var: Floats, s: float, formula: Formula, eps: float) -> array:
+def patched_variance(var: Floats, s: float, formula: Formula, eps: float) -> Array:
     """The float32 ``b1'`` whose Caffe denominator matches ``D(var)``.
 
     ``var`` is the true (effective) variance, ``s`` the stored scale factor (not 0), ``eps`` the

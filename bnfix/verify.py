@@ -65,7 +65,7 @@ def _fields(buf: bytes) -> list[tuple[int, int, bytes, bytes]]:
 def _blob_values(blob: bytes) -> tuple[array[float], list[bytes]]:
     """A BlobProto's values (double_data if any, else data) and its other fields' bytes."""
     single, double, other = array("f"), array("d"), []
-    for number, wire, whole, value in _fields(blob):
+    for number, _wire, whole, value in _fields(blob):
         if number == 5:
             single.frombytes(value)
         elif number == 8:

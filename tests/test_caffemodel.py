@@ -170,7 +170,7 @@ def test_blob_count_must_match_shape():
 def test_truncated_files_raise_bnfix_error(cut, tmp_path):
     data = (SAMPLE / "yoloface-50k.caffemodel").read_bytes()[:cut]
     (tmp_path / "t.caffemodel").write_bytes(data)
-    with pytest.raises(BnfixError, match="t.caffemodel: not a valid caffemodel"):
+    with pytest.raises(BnfixError, match=r"t\.caffemodel: not a valid caffemodel"):
         caffemodel.Model(tmp_path / "t.caffemodel").close()
 
 

@@ -345,7 +345,7 @@ def test_bad_input(tmp_path, capsys, case):
     pp, mp = copy_sample(tmp_path)
     args, needles = case(tmp_path, pp, mp)
     before = snapshot(tmp_path)
-    code, out, err = run(capsys, *args)
+    code, _out, err = run(capsys, *args)
     assert code == 2
     one_error(err, *needles)
     assert snapshot(tmp_path) == before  # nothing new (no output, no .bnfix-tmp, no .orig), inputs intact
@@ -409,7 +409,7 @@ def test_two_pairs_colliding_in_output_dir(tmp_path, capsys):
     (["a.prototxt", "a.caffemodel", "b.prototxt"], "bnfix: error: a.prototxt: no such file"),
 ], ids=["one-missing-file", "a-pair-and-a-missing-file"])
 def test_missing_files_are_one_error_each(tmp_path, capsys, args, line):
-    code, out, err = run(capsys, *args)
+    code, _out, err = run(capsys, *args)
     assert code == 2
     assert err.splitlines()[0] == line
     assert all(l.startswith("bnfix: error: ") for l in err.splitlines())

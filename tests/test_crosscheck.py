@@ -135,7 +135,7 @@ def test_effective_statistics_with_scale_factor(tmp_path):
     """A Caffe model storing stats times s (999.98) matches Darknet's through blob/s."""
     from bnfix import darknet
 
-    _, dn = darknet.read_bn_layers(CFG, W)
+    _, _dn = darknet.read_bn_layers(CFG, W)
     s = np.float32(999.98236)
 
     def edit(bns):

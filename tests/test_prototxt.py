@@ -49,7 +49,8 @@ def test_whole_corpus_renders_back_identically():
 
 def _bn_line_spans(doc: prototxt.Document) -> list[tuple[int, int]]:
     """0-based [first, last] line numbers of every BatchNorm layer."""
-    lines = lambda off: doc.text.count("\n", 0, off)
+    def lines(off):
+        return doc.text.count("\n", 0, off)
     return [(lines(l.field.start), lines(l.field.end)) for l in doc.layers() if l.type == "BatchNorm"]
 
 

@@ -106,7 +106,7 @@ def test_scale_factor_fix_and_model_params_are_restored(tmp_path):
     text = "".join(BN.format(body="").replace('"bn"', f'"{n}"') for n in "abc")
     (tmp_path / "m.prototxt").write_text(text)
     (tmp_path / "m.caffemodel").write_bytes(model)
-    patched, reverted, back_text, back_model = _roundtrip(tmp_path / "m.prototxt", tmp_path / "m.caffemodel",
+    patched, _reverted, back_text, back_model = _roundtrip(tmp_path / "m.prototxt", tmp_path / "m.caffemodel",
                                                           tmp_path)
     assert "scale factor fixed (s=0 → 1)" in patched.layers[0].changes
     assert back_model == model

@@ -32,10 +32,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # tests/runtimes/ helpers, whatever pytest's import mode
     sys.path.insert(0, str(HERE))
 
-from runtimes import darknet_cfg, darknet_runtime  # noqa: E402
+from runtimes import darknet_cfg, darknet_runtime
 
-from bnfix.cli import main as bnfix_main  # noqa: E402
-from bnfix.darknet import read_bn_layers  # noqa: E402
+from bnfix.cli import main as bnfix_main
+from bnfix.darknet import read_bn_layers
 
 DATA = HERE / "data" / "mobilenetv2-yolov3-nano-voc"
 STEM = "MobileNetV2-YOLOv3-Nano-voc"

@@ -92,7 +92,7 @@ def test_scale_unfit_recovers_gamma_bit_for_bit_or_says_where_not():
 
 def test_power_of_two_scale_factor_scales_the_statistics_exactly():
     """--target caffe2onnx stores s = 1024 so that its var / (s + 1e-5) rounds to Caffe's var / s."""
-    orig, fit, new = _fold(VARIANCES, s=1.0, k_s=1024.0)
+    orig, _fit, new = _fold(VARIANCES, s=1.0, k_s=1024.0)
     assert new.s == 1024.0
     assert list(new.mean) == [m * 1024 for m in orig.mean] and list(new.var) == [v * 1024 for v in orig.var]
     assert list(sem.caffe_denominator(new.var, 1024.0, 1e-5)) == list(sem.caffe_denominator(orig.var, 1.0, 1e-5))

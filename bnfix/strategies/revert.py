@@ -9,10 +9,13 @@ markers tells whether the whole layer came back exactly.
 
 from __future__ import annotations
 
-from .. import caffemodel, marker, prototxt
+from array import array
+from types import EllipsisType
+
+from .. import caffemodel, prototxt
 from ..formulas import f32
 from ..marker import Marker
-from ..pairing import Group
+from ..pairing import Group, Placed
 from ..plan import EntryEdit, LayerPlan, digest_of, eps_edit, layout_problem, recover, stats_of, written_eps
 from ..result import CAFFE_DEFAULT_EPS, Status
 from ..state import Assessment, State
@@ -34,7 +37,7 @@ def plan_revert(g: Group, a: Assessment) -> LayerPlan:
     eps_orig = _original_eps(m)
     base = base._replace(status=Status.REVERTED, strategy=m.strategy, splices=tuple(splices), formula=m.formula,
                          eps_after=eps_orig, changed="gamma" if m.strategy.value == "scale" else "variance",
-                         scale_layer=g.scale.proto.name if scale is not None and m.strategy.value == "scale" else None)
+                         scale_layer=g.scale.proto.name if g.scale is not None and scale is not None else None)
     if a.state is State.RAW_UNDER_MARKER:
         return base._replace(changes=("prototxt restored",), before=current, after=current, reference=current,
                              reason=f"the caffemodel already held statistics bnfix never wrote: {a.detail}",
@@ -44,12 +47,13 @@ def plan_revert(g: Group, a: Assessment) -> LayerPlan:
     for e, st in zip(g.entries, originals):
         blobs = {0: st.mean, 1: st.var}
         if st.s != float(e.blobs[2].first()):
-            blobs[2] = caffemodel.array("f", [st.s]) if e.blobs[2].dtype == "f" else caffemodel.array("d", [st.s])
+            blobs[2] = array(e.blobs[2].dtype, [st.s])
         record = g.record or m
         param = {caffemodel.LAYER_BN_PARAM: _model_param(e, record)} if _touched_param(record) else {}
         edits.append(EntryEdit(e, blobs, param))
-    if scale is not None and originals[0].gamma is not None and scale.blobs[0].encode(originals[0].gamma) != scale.blobs[0].raw:
-        edits.append(EntryEdit(scale, {0: originals[0].gamma}, {}))
+    gamma = originals[0].gamma
+    if scale is not None and gamma is not None and scale.blobs[0].encode(gamma) != scale.blobs[0].raw:
+        edits.append(EntryEdit(scale, {0: gamma}, {}))
     undo = dict(m.undo)
     changes = ["gamma restored" if m.strategy.value == "scale" else "variance restored"] + [
         text for key, text in (("eps", "eps restored"), ("ugs", "use_global_stats restored"),
@@ -83,11 +87,11 @@ def _model_param(e: caffemodel.Entry, record: Marker) -> bytes | None:
         return None
     old = record.get("model.eps")
     eps: float | None = None if old in (None, "none") else f32(float(old))
-    ugs: bool | type(...) | None = False if record.get("model.ugs") == "false" else ...
+    ugs: bool | EllipsisType | None = False if record.get("model.ugs") == "false" else ...
     return e.edited_bn_param(eps=eps, use_global_stats=ugs)
 
 
-def _prototxt_undo(layer: prototxt.Layer, placed) -> list[prototxt.Splice]:
+def _prototxt_undo(layer: prototxt.Layer, placed: Placed | None) -> list[prototxt.Splice]:
     """Splices that remove the marker and put eps / use_global_stats back as they were written."""
     if placed is None:
         return []
