@@ -379,12 +379,15 @@ class Model:
         return self._file.fileno()
 
     def unchanged(self) -> bool:
-        """Whether the file on disk is still the one indexed (same inode, size and mtime)."""
+        """Whether the file is still the one indexed: the path names the same inode, and
+        neither it nor the open file changed size or mtime."""
         try:
-            st = os.stat(self.path)
+            st, mine = os.stat(self.path), os.fstat(self._file.fileno())
         except OSError:
             return False
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (*self.ident, self.size, self.mtime_ns)
+        now = (self.ident, self.size, self.mtime_ns)
+        return ((st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns) == now == (
+            (mine.st_dev, mine.st_ino), mine.st_size, mine.st_mtime_ns)
 
     def close(self) -> None:
         if self._map is not None:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from .pipeline import Result
 
 EXIT_OK, EXIT_WORK, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3
-_ISSUES = "https://github.com/bnfix/bnfix/issues"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"bnfix: internal error: {type(exc).__name__}: {exc} (a bug in bnfix: please report it "
-              f"with the command you ran at {_ISSUES}; BNFIX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"bnfix: internal error: {type(exc).__name__}: {exc} (a bug in bnfix: please report it to its "
+              "maintainers with the command you ran; BNFIX_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_BUG
 
 
@@ -243,7 +242,8 @@ class _Run:
                 yield f"{files[i]}: no such file", True
                 i += 1
                 continue
-            found = discover.pair_of(files[i])
+            # A hook runs at the repository root: links inside it (git-annex, DVC) count as inside.
+            found = discover.pair_of(files[i], root=Path.cwd() if self.args.find_partners else None)
             if isinstance(found, discover.Pair):
                 yield self._job(found.prototxt, found.caffemodel, None)
             else:

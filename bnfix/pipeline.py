@@ -164,6 +164,9 @@ class Result:
 
         def write_model(fd: int) -> None:
             copier.write(model_fd, size, replacements, fd, progress)
+            # The bytes came from the file that was read; another program writing into it
+            # meanwhile would have mixed them: then nothing is renamed.
+            caffemodel.check_file(self.caffemodel, self._model)
 
         text = self.new_prototxt.encode("utf-8", "surrogateescape")
         items = [commit.Output(outs[0], text, like=self.prototxt, in_place=in_place[0]),
