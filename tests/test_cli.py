@@ -998,3 +998,46 @@ def test_progress_bar_only_on_a_terminal_after_a_second(tmp_path, monkeypatch):
     update(500)  # 2 s: the bar starts
     update(1000)  # done: the bar stops (transient: it erases itself)
     assert "writing" in out.getvalue()
+
+
+# -- line endings and escaped names, end to end (issue 8, point 5) ---------------------------
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\r"], ids=["crlf", "cr-only"])
+def test_other_line_endings_patch_and_revert_exactly_like_lf(tmp_path, capsys, ending):
+    """Markers land on each layer's own opening line (on a CR-only line with their own LF, or
+    Caffe's parser would read the rest of the file as a comment); a second run is up to date;
+    the revert gives the file back byte for byte."""
+    lf = SAMPLE_P.read_bytes()
+    text = lf.replace(b"\n", ending.encode())
+    (tmp_path / "m.prototxt").write_bytes(text)
+    shutil.copy(SAMPLE_M, tmp_path / "m.caffemodel")
+    assert main([str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"), "-o", str(tmp_path / "p"), "-q"]) == 0
+    assert main([str(SAMPLE_P), str(SAMPLE_M), "-o", str(tmp_path / "lf"), "-q"]) == 0
+    patched = (tmp_path / "p" / "m.prototxt").read_bytes()
+    normalised = patched.replace(b"\n\r", b"\r").replace(ending.encode(), b"\n") if ending == "\r" else \
+        patched.replace(b"\r\n", b"\n")
+    assert normalised == (tmp_path / "lf" / SAMPLE_P.name).read_bytes()
+    assert (tmp_path / "p" / "m.caffemodel").read_bytes() == (tmp_path / "lf" / SAMPLE_M.name).read_bytes()
+    assert main([str(tmp_path / "p" / "m.prototxt"), str(tmp_path / "p" / "m.caffemodel"), "--check"]) == 0
+    assert main([str(tmp_path / "p" / "m.prototxt"), str(tmp_path / "p" / "m.caffemodel"), "--revert",
+                 "-o", str(tmp_path / "r"), "-q"]) == 0
+    assert (tmp_path / "r" / "m.prototxt").read_bytes() == text
+    assert (tmp_path / "r" / "m.caffemodel").read_bytes() == SAMPLE_M.read_bytes()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("spelled,name", [
+    (r'"bn\"1"', 'bn"1'), (r"'bn\'2'", "bn'2"), (r'"\142n3"', "bn3"), (r'"\x62n4"', "bn4"),
+    (r'"b" "n5"', "bn5"), (r'"\303\251"', "é"),
+], ids=["escaped-quote", "single-quoted", "octal", "hex", "concatenated", "utf-8-octal"])
+def test_escaped_names_match_the_caffemodel_as_caffe_reads_them(tmp_path, capsys, spelled, name):
+    text = f'layer {{\n  name: {spelled}\n  type: "BatchNorm"\n  bottom: "x"\n  top: "x"\n}}\n'
+    model = cp.model_bytes(cp.bn_layer(name, [0.0, 0.1], [1e-3, 0.5]))
+    pp, mp = write_pair(tmp_path, text, model)
+    code, j, _ = json_run(capsys, pp, mp, "-o", tmp_path / "out")
+    assert code == 0
+    (layer,) = j["pairs"][0]["layers"]
+    assert layer["name"] == name and layer["status"] == "patched"
+    patched = cp.parse((tmp_path / "out" / mp.name).read_bytes()).layer[0]
+    assert patched.name == name and list(patched.blobs[1].data) != [np.float32(1e-3), np.float32(0.5)]
