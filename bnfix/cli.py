@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt as exc:  # also SIGTERM/SIGHUP, turned into this by commit
         return _interrupted(exc)
+    except BrokenPipeError:  # stdout closed early (bnfix ... | head): as SIGPIPE would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        except OSError:
+            pass
+        return 128 + 13
     except Exception as exc:  # a bug: say so in one line, keep the traceback for BNFIX_DEBUG
         if os.environ.get("BNFIX_DEBUG"):
             import traceback
@@ -131,6 +137,14 @@ def _conflict(args: argparse.Namespace) -> str | None:
     return None
 
 
+class Note(NamedTuple):
+    """A file left unpaired (or that could not be examined: ``error``), and why."""
+
+    path: Path
+    reason: str
+    error: bool
+
+
 class Job(NamedTuple):
     """One pair to process, and where its outputs go (None: --check/--dry-run)."""
 
@@ -179,6 +193,8 @@ class _Run:
         self.console = None if args.quiet else _console(args)
         self.written: set[Path] = set()
         self.seen: set[tuple[str, str]] = set()
+        self.reported: set[tuple[str, str]] = set()
+        self._tagged = False
         self._listed: dict[Path, list[str]] = {}  # per output directory: leftovers of killed runs
         self.code = EXIT_OK
         self.failed = self.unpaired = 0
@@ -206,27 +222,32 @@ class _Run:
         return (found.prototxt, found.caffemodel) if isinstance(found, discover.Pair) else None
 
     # -- finding the pairs ---------------------------------------------------------------
-    def jobs(self) -> Iterator[Job | tuple[str, bool]]:
+    def jobs(self) -> Iterator[Job | Note]:
         """Pairs in command-line order; unpaired files as (line, is_error)."""
         from . import discover
 
         exclude = [self.out_dir] if self.out_dir is not None else []
         files: list[Path] = []
+        walked: list[str] = []
         for raw in self.args.paths:
             path = Path(raw)
             if path.is_dir():
                 yield from self._files(files)
                 files = []
+                real = os.path.realpath(path)
+                if any(real == w or real.startswith(w.rstrip(os.sep) + os.sep) for w in walked):
+                    continue  # inside a tree walked already (bnfix a a/b): every pair was found
+                walked.append(real)
                 for found in discover.walk(path, exclude=exclude):
                     if isinstance(found, discover.Pair):
                         yield self._job(found.prototxt, found.caffemodel, found.rel)
                     else:
-                        yield f"{found.path}: {found.reason}", found.kind is discover.Why.ERROR
+                        yield Note(found.path, found.reason, found.kind is discover.Why.ERROR)
             else:
                 files.append(path)
         yield from self._files(files)
 
-    def _files(self, files: list[Path]) -> Iterator[Job | tuple[str, bool]]:
+    def _files(self, files: list[Path]) -> Iterator[Job | Note]:
         """File arguments two at a time (PROTOTXT CAFFEMODEL); a file alone (or every file with
         --find-partners) gets its partner from the directory rules."""
         from . import discover
@@ -239,15 +260,17 @@ class _Run:
                 i += 2
                 continue
             if not os.path.lexists(files[i]):
-                yield f"{files[i]}: no such file", True
+                yield Note(files[i], "no such file", True)
                 i += 1
                 continue
             # A hook runs at the repository root: links inside it (git-annex, DVC) count as inside.
             found = discover.pair_of(files[i], root=Path.cwd() if self.args.find_partners else None)
             if isinstance(found, discover.Pair):
                 yield self._job(found.prototxt, found.caffemodel, None)
-            else:
-                yield f"{found.path}: {found.reason}", found.kind is not discover.Why.SKIPPED
+            elif self.args.find_partners:  # a hook passes every changed file: a solver is no error
+                yield Note(found.path, found.reason, found.kind is discover.Why.ERROR)
+            else:  # a file named alone must have a partner
+                yield Note(found.path, found.reason, found.kind is not discover.Why.SKIPPED)
             i += 1
 
     def _job(self, pp: Path, mp: Path, rel: Path | None) -> Job:
@@ -290,7 +313,7 @@ class _Run:
     def _each(self, progress: _Progress | None) -> None:
         for job in self.jobs():
             if not isinstance(job, Job):
-                self._unpaired(*job)
+                self._unpaired(job)
                 continue
             key = (os.path.realpath(job.prototxt), os.path.realpath(job.caffemodel))
             if key in self.seen:
@@ -300,7 +323,12 @@ class _Run:
                 progress.step(job.prototxt)
             self._one(job)
 
-    def _unpaired(self, line: str, is_error: bool) -> None:
+    def _unpaired(self, note: Note) -> None:
+        key = (os.path.realpath(note.path), note.reason)
+        if key in self.reported:  # the same file reached twice (bnfix a a/b)
+            return
+        self.reported.add(key)
+        line, is_error = f"{note.path}: {note.reason}", note.error
         if is_error:
             _error(line)
             self.code = max(self.code, EXIT_ERROR)
@@ -382,9 +410,37 @@ class _Run:
         if outs is None:
             result.apply()  # bad statistics are errors in --check and --dry-run too
             return
+        if args.in_place and not result.changed:
+            return  # the inputs are the outputs already: rewriting them would only make .orig copies
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
                     progress=_bytes_progress(self.console, job.caffemodel) if self.single else None, lock=False)
         self.written.update(Path(os.path.realpath(o)) for o in outs)
+        self._tag_output_dir()
+
+    def _tag_output_dir(self) -> None:
+        """Mark ``-o DIR`` as a tree of outputs (discover.OUTPUT_TAG) when it lies inside a tree
+        this run walks, once it holds a pair, so that a later walk of that tree skips it."""
+        from . import discover
+
+        if self.out_dir is None or self._tagged:
+            return
+        self._tagged = True
+        out = os.path.realpath(self.out_dir)
+        trees = [os.path.realpath(p) for p in self.args.paths if os.path.isdir(p)]
+        if not any(out.startswith(t.rstrip(os.sep) + os.sep) for t in trees):
+            return
+        try:
+            fd = os.open(self.out_dir / discover.OUTPUT_TAG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            self._note(f"{self.out_dir}: cannot write {discover.OUTPUT_TAG} ({exc.strerror}): later walks of "
+                       "a tree that contains it will take its outputs for inputs")
+            return
+        try:
+            os.write(fd, b"bnfix output directory: a walk of a tree that contains it skips it.\n")
+        finally:
+            os.close(fd)
 
     def _leftovers(self, directory: Path) -> list[str]:
         """commit.leftovers, listed once per directory and run (a tree's output directory may
@@ -428,14 +484,12 @@ class _Run:
             self.console.print()
         elif not args.check or result.needs_work:
             self._print(report.pair_line(result))
-            for line in report.deviation_lines(result.deviations()) if result.mode.value == "patch" else []:
-                self._print(f"  note: {line}")
 
     def _print(self, line: str) -> None:
         from rich.markup import escape
 
         assert self.console is not None
-        self.console.print(escape(line), highlight=False)
+        self.console.print(escape(line), highlight=False, soft_wrap=True)  # one line, never wrapped
 
     def _note(self, line: str) -> None:
         if self.console is not None:

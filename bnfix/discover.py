@@ -70,8 +70,10 @@ Walking a tree
   names end in ``.bnfix.prototxt``, ``.bnfix.caffemodel``, ``.bnfix-tmp``, ``.bnfix-old``,
   ``.bnfix-lock`` or ``.orig`` (bnfix's outputs, temporary files and backups); every
   directory in ``exclude``, matched by its real path and, if it existed when the walk began, by
-  identity, so an output directory created during the walk is skipped too.  The root itself is
-  always walked.  Other file types are ignored.
+  identity, so an output directory created during the walk is skipped too; every directory
+  holding a ``.bnfix-output`` tag (``bnfix -o DIR`` writes one into DIR), so a tree patched into
+  a directory inside itself is not picked up again by later runs.  The root itself is always
+  walked (``bnfix OUT --check`` checks the outputs).  Other file types are ignored.
 - Symlinked directories are never followed.  A target inside the tree is walked anyway, under
   its own path, so every directory is walked once, under the path that ``-o`` mirrors and
   ``--in-place`` writes; a target outside the tree is reported (``outside-tree``).  So no symlink
@@ -112,6 +114,7 @@ __all__ = ["CAFFEMODEL", "PROTOTXT", "Found", "Pair", "Rule", "Unpaired", "Why",
 
 PROTOTXT, CAFFEMODEL = ".prototxt", ".caffemodel"
 VCS_DIRS = frozenset({".git", ".hg", ".svn"})
+OUTPUT_TAG = ".bnfix-output"  # written by ``bnfix -o DIR`` into DIR: a tree of outputs, not inputs
 BNFIX_SUFFIXES = (".bnfix.prototxt", ".bnfix.caffemodel", ".bnfix-tmp", ".bnfix-old", ".bnfix-lock",
                   ".orig")
 TRAINING_WORDS = frozenset({"train", "trainval", "training", "test"})
@@ -584,7 +587,7 @@ def _subdir(entry: os.DirEntry[str], d: Path, real: str, skip: _Skip,
     except OSError as exc:
         return Unpaired(d / entry.name, _cannot("examine this directory", exc), Why.ERROR)
     sub, key = os.path.join(real, entry.name), (st.st_dev, st.st_ino)
-    if (sub, key) in skip or key in seen:
+    if (sub, key) in skip or key in seen or os.path.lexists(os.path.join(d, entry.name, OUTPUT_TAG)):
         return None
     seen.add(key)
     return sub

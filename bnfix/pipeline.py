@@ -60,8 +60,10 @@ class Result:
     # -- what it found -------------------------------------------------------------------
     @property
     def needs_work(self) -> bool:
-        """Whether a write would change a layer (what ``--check`` reports); known from the plan."""
-        return any(p.status in (Status.PATCHED, Status.REVERTED) for p in self.plans)
+        """What ``--check`` reports: a write would change a layer, or a layer was patched by
+        bnfix for other options (a gate for one target must not pass a pair patched for
+        another; ``--force`` re-fits it).  Known from the plan."""
+        return any(p.status in (Status.PATCHED, Status.REVERTED) or p.stale for p in self.plans)
 
     @property
     def changed(self) -> bool:

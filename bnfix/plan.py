@@ -67,6 +67,7 @@ class LayerPlan(NamedTuple):
     inexact: tuple[int, ...] = ()  # revert: channels float32 could not restore bit for bit
     next_is_scale: bool = True  # see pairing.Group
     record: Marker | None = None  # the caffemodel-side record the layer has after this run
+    stale: bool = False  # patched by bnfix for other options: --check counts it as work
 
 
 # -- reading a group -------------------------------------------------------------------------
@@ -154,7 +155,8 @@ def plan_patch(g: Group, a: Assessment, opts: Options, model_path: Path) -> Laye
         if not same and not opts.force:
             return base._replace(
                 reason=f"patched by bnfix ({m.strategy.value} fit to {m.formula.expression}, eps {m.eps!r}); "
-                       "--force re-fits it from the original statistics", warning=True, reference=originals[0])
+                       "--force re-fits it from the original statistics", warning=True, reference=originals[0],
+                stale=True)
         note = "bnfix 1.0 marker upgraded" if same else "re-fitted from the original statistics"
         # The "from" digest covers what the strategy reads: kept only if the strategy is.
         origin = m.origin if m.origin is not None and m.strategy is strategy else digest_of(g, originals, strategy)

@@ -95,6 +95,7 @@ def pair_dict(result: Result) -> dict[str, Any]:
                    "outside": src.outside} if patch else None,
         "target_eps": _target_eps(result) if patch else None,
         "force": opts.force,
+        "needs_work": result.needs_work,
         "layers": [layer_dict(l) for l in layers],
         "totals": totals(layers),
         "warnings": list(result.warnings),
@@ -168,9 +169,9 @@ def deviation_lines(devs: Sequence[Deviation]) -> list[str]:
     return out
 
 
-def pair_line(result: Result, error: str = "") -> str:
-    """One line for a pair in a run over many: what was done, worst error before → after, and
-    how many warnings."""
+def pair_line(result: Result) -> str:
+    """One line for a pair in a run over many: what was done, worst error before → after, how
+    many warnings, and the runtimes where the output is not exact."""
     name = f"{result.prototxt} + {result.caffemodel.name}"
     t = totals(result.layers)
     warnings = sum(l.warning for l in result.layers) + len(result.warnings)
@@ -187,8 +188,12 @@ def pair_line(result: Result, error: str = "") -> str:
         extra.append(f"{t['skipped']} skipped")
     if warnings:
         extra.append(f"{warnings} warning(s)")
+    if result.mode is Mode.PATCH:
+        devs = [d.runtime for d in result.deviations()]
+        if devs:
+            extra.append("not exact in " + ", ".join(devs))
     err = f"; error {e(t['err_before'])} → {e(t['err_after'])}" if t["patched"] or t["reverted"] else ""
-    return f"{name}: {what} of {t['layers']} layers{err}" + (f" ({', '.join(extra)})" if extra else "")
+    return f"{name}: {what} of {t['layers']} layers{err}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def run_line(t: Totals, failed: int, unpaired: int) -> str:
