@@ -178,7 +178,11 @@ def _main(argv: list[str] | None) -> int:
         run = _Run(args, options)
         if args.darknet_weights and run.single is None:
             raise BnfixError("--darknet-weights/--darknet-cfg check one pair at a time")
-        return run.all()
+        try:
+            return run.all()
+        except KeyboardInterrupt as exc:
+            _error(run.stopped(exc))
+            return getattr(exc, "exit_code", 128 + getattr(exc, "signum", 2))
     except BnfixError as exc:
         _error(str(exc))
         return EXIT_ERROR
@@ -194,6 +198,9 @@ class _Run:
         self.written: set[Path] = set()
         self.seen: set[tuple[str, str]] = set()
         self.reported: set[tuple[str, str]] = set()
+        self.current: Job | None = None  # the pair in progress, and whether it was saved
+        self.current_saved = False
+        self.done = 0
         self._tagged = False
         self._listed: dict[Path, list[str]] = {}  # per output directory: leftovers of killed runs
         self.code = EXIT_OK
@@ -342,9 +349,25 @@ class _Run:
         if self.console is not None and not self.args.check:
             self._print(f"unpaired: {line}")
 
+    def stopped(self, exc: KeyboardInterrupt) -> str:
+        """What is on disk when a signal stopped the run, in one true sentence."""
+        from . import commit
+
+        done = f"{self.done} pair(s) before it are done" if self.done else "no pair was finished before it"
+        if isinstance(exc, commit.Interrupted):
+            return f"{exc}; {done}"
+        name = "interrupted" if getattr(exc, "signum", 2) == 2 else f"stopped by signal {exc.signum}"  # type: ignore[attr-defined]
+        if self.current is None:
+            return f"{name}; {done}"
+        p, m = self.current.prototxt, self.current.caffemodel
+        if self.current_saved:
+            return f"{name} after {p} and {m} were saved; {done}"
+        return f"{name}: nothing was changed for {p} and {m}; {done}"
+
     def _one(self, job: Job) -> None:
         from .errors import BnfixError
 
+        self.current, self.current_saved = job, False
         try:
             result = self._process(job)
         except BnfixError as exc:
@@ -357,8 +380,11 @@ class _Run:
             self._report(result)
         finally:
             result.close()
+        self.done += 1
+        self.current = None
 
     def _failed(self, job: Job, message: str) -> None:
+        self.current = None
         _error(message)
         self.failed += 1
         self.code = max(self.code, EXIT_ERROR)
@@ -414,6 +440,7 @@ class _Run:
             return  # the inputs are the outputs already: rewriting them would only make .orig copies
         result.save(*outs, backup=args.in_place, sync=not args.no_sync,
                     progress=_bytes_progress(self.console, job.caffemodel) if self.single else None, lock=False)
+        self.current_saved = True
         self.written.update(Path(os.path.realpath(o)) for o in outs)
         self._tag_output_dir()
 

@@ -277,12 +277,16 @@ def make_dirs(path: Path) -> list[Path]:
             break
         path = path.parent
     created: list[Path] = []
-    for d in reversed(missing):
-        try:
-            os.mkdir(d)
-        except FileExistsError:
-            continue
-        created.append(d)
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            created.append(d)
+    except BaseException:
+        remove_dirs(created)  # a failure deep down leaves none of the new directories
+        raise
     return created
 
 
