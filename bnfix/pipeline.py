@@ -175,13 +175,18 @@ class Result:
                  commit.Output(outs[1], write_model, like=self.caffemodel, in_place=in_place[1])]
         if self.mode is Mode.REVERT:
             items.reverse()  # the caffemodel first: see the module docstring of state.py
-        held = locking.acquire(exclusive=outs, shared=(), wait=0, owner="bnfix") if lock else None
+        created = [d for out in outs for d in commit.make_dirs(out.parent)] if lock else []
         try:
-            self._check_inputs_unchanged()
-            done = commit.commit(items, backup=backup, sync=sync)
-        finally:
-            if held is not None:
-                held.release()
+            held = locking.acquire(exclusive=outs, shared=(), wait=0, owner="bnfix") if lock else None
+            try:
+                self._check_inputs_unchanged()
+                done = commit.commit(items, backup=backup, sync=sync)
+            finally:
+                if held is not None:
+                    held.release()
+        except BaseException:
+            commit.remove_dirs(created)
+            raise
         self.outputs = (done.outputs[0], done.outputs[1]) if self.mode is Mode.PATCH else (
             done.outputs[1], done.outputs[0])
         self.warnings.extend(done.warnings)
