@@ -11,7 +11,13 @@ The names below are loaded on first use, so that ``bnfix`` (the command) starts 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+try:
+    from typing import TYPE_CHECKING, Any
+except KeyboardInterrupt:  # Ctrl-C while the ``bnfix`` command starts: one line, no traceback
+    import sys
+
+    sys.stderr.write("bnfix: error: interrupted while starting; nothing was changed\n")
+    raise SystemExit(130) from None
 
 __version__ = "2.0.0"
 __all__ = [

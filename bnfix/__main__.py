@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python is still loading bnfix: no traceback
+    sys.stderr.write("bnfix: error: interrupted while starting; nothing was changed\n")
+    sys.exit(130)
 
 sys.exit(main())

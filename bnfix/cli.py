@@ -11,10 +11,15 @@ bnfix is caught here too; rich is imported only when something is rendered.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+
+try:
+    import os
+    from pathlib import Path
+    from typing import TYPE_CHECKING, Any, NamedTuple
+except KeyboardInterrupt:  # Ctrl-C while the ``bnfix`` command starts: one line, no traceback
+    sys.stderr.write("bnfix: error: interrupted while starting; nothing was changed\n")
+    raise SystemExit(130) from None
 
 if TYPE_CHECKING:
     import argparse
@@ -359,10 +364,10 @@ class _Run:
         name = "interrupted" if getattr(exc, "signum", 2) == 2 else f"stopped by signal {exc.signum}"  # type: ignore[attr-defined]
         if self.current is None:
             return f"{name}; {done}"
-        p, m = self.current.prototxt, self.current.caffemodel
         if self.current_saved:
+            p, m = self.current.outputs or (self.current.prototxt, self.current.caffemodel)
             return f"{name} after {p} and {m} were saved; {done}"
-        return f"{name}: nothing was changed for {p} and {m}; {done}"
+        return f"{name}: nothing was changed for {self.current.prototxt} and {self.current.caffemodel}; {done}"
 
     def _one(self, job: Job) -> None:
         from .errors import BnfixError
@@ -393,6 +398,7 @@ class _Run:
 
     def _process(self, job: Job) -> Result:
         from . import commit, lock, pipeline
+        from .errors import BnfixError
         from .result import Mode
 
         args = self.args
@@ -408,7 +414,11 @@ class _Run:
         created: list[Path] = []  # output directories made here: removed again if the pair fails
         try:
             for out in outs or ():
-                created += commit.make_dirs(out.parent)
+                try:
+                    created += commit.make_dirs(out.parent)
+                except OSError as exc:
+                    raise BnfixError(f"{out.parent}: cannot create the output directory: "
+                                     f"{exc.strerror or exc}") from None
             with lock.acquire(exclusive=exclusive, shared=shared, wait=args.wait, owner=owner):
                 for out in outs or ():
                     for stale in commit.sweep(out, self._leftovers):
@@ -618,6 +628,7 @@ class _JsonSink:
         self.errors: list[dict[str, Any]] = []
         self.unpaired_files: list[str] = []
         self.forbidden: set[str] = set()
+        self.refused = False  # the report path was refused (said once, where it was found)
         self.count = 0
         self._tmp: Any = None
         self._fd: int | None = None
@@ -632,6 +643,7 @@ class _JsonSink:
         for p in paths:
             self.forbidden.add(os.path.realpath(p))
             if _same(self.path, p) or os.path.realpath(self.path) == os.path.realpath(p):
+                self.refused = True
                 raise UsageError(f"{self.target}: the JSON report would overwrite {p}")
 
     def _write(self, text: str) -> None:
@@ -669,9 +681,10 @@ class _JsonSink:
     def close(self, totals: Any, written: set[Path]) -> int:
         import json
 
-        if self.path is not None and (os.path.realpath(self.path) in self.forbidden
+        if self.path is not None and (self.refused or os.path.realpath(self.path) in self.forbidden
                                       or Path(os.path.realpath(self.path)) in written):
-            _error(f"{self.target}: the JSON report would overwrite a file of this run")
+            if not self.refused:
+                _error(f"{self.target}: the JSON report would overwrite a file of this run")
             self.discard()
             return EXIT_ERROR
         tail = (("" if self.count else self._head()) + "\n],\n"

@@ -692,8 +692,11 @@ def _outcome(slots: list[_Slot], state: State) -> str:
     if state is State.UNCHANGED:
         return "nothing was changed"
     if state is State.ROLLED_BACK:
-        put = [s.name for s in slots if s.put_back]
-        return f"{_join(put)} {'was' if len(put) == 1 else 'were'} put back, so nothing was changed"
+        put = [s.name for s in slots if s.put_back and s.st is not None]
+        gone = [s.name for s in slots if s.put_back and s.st is None]  # new outputs: removed again
+        done = [f"{_join(put)} {'was' if len(put) == 1 else 'were'} put back"] if put else []
+        done += [f"{_join(gone)} {'was' if len(gone) == 1 else 'were'} removed again"] if gone else []
+        return f"{' and '.join(done)}, so nothing was changed"
     new = [s.name for s in slots if s.replaced]
     old = [s.name for s in slots if not s.replaced]
     why = _why(next(s.undo_error for s in slots if s.replaced))

@@ -176,9 +176,11 @@ def check_failure(exc: BnfixError, err: int, lay: Layout, calls: Calls, number: 
                             rf"({p}|{m})\.orig): {why}; nothing was changed", msg), msg
     else:
         assert exc.state is State.ROLLED_BACK and renamed_before(calls, number, lay)
-        assert re.fullmatch(rf"{m}: cannot replace: {why}; {p} was put back, so nothing was changed"
-                            rf"|{p}: cannot sync its directory: {why}; {p} and {m} were put back, so "
-                            rf"nothing was changed", msg), msg
+        assert re.fullmatch(rf"{m}: cannot replace: {why}; {p} was (put back|removed again), so nothing was changed"
+                            rf"|{p}: cannot sync its directory: {why}; {p} and {m} were (put back|removed again), so "
+                            rf"nothing was changed"
+                            rf"|{p}: cannot sync its directory: {why}; ({p}|{m}) was put back and ({p}|{m}) was removed "
+                            rf"again, so nothing was changed", msg), msg
 
 
 def allowed_leftovers(calls: Calls, warnings: tuple[str, ...], root: Path) -> set[str]:
