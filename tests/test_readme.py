@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 import shutil
 
+from conftest import REPO
+
 import bnfix
 from bnfix import runtimes
 from bnfix.cli import _parser
-from conftest import REPO
 
 README = (REPO / "README.md").read_text()
 
@@ -24,7 +25,7 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     (block,) = re.findall(r"```python\n(.*?)```", _section("Python API"), re.S)
     shutil.copytree(REPO / "samples", tmp_path / "samples")
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 (our own README)
+    exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "out" / "fixed.prototxt").is_file() and (tmp_path / "out" / "fixed.caffemodel").is_file()
     again = bnfix.patch(tmp_path / "out" / "fixed.prototxt", tmp_path / "out" / "fixed.caffemodel", target="opencv")
     assert not again.needs_work
