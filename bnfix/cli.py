@@ -235,9 +235,7 @@ class _Run:
 
     # -- finding the pairs ---------------------------------------------------------------
     def jobs(self) -> Iterator[Job | Note]:
-        """Pairs in command-line order; unpaired files as (line, is_error)."""
-        from . import discover
-
+        """Pairs in command-line order; unpaired files as notes."""
         exclude = [self.out_dir] if self.out_dir is not None else []
         files: list[Path] = []
         walked: list[str] = []
@@ -250,6 +248,8 @@ class _Run:
                 if any(real == w or real.startswith(w.rstrip(os.sep) + os.sep) for w in walked):
                     continue  # inside a tree walked already (bnfix a a/b): every pair was found
                 walked.append(real)
+                from . import discover  # only for directories (and lone files): explicit pairs skip it
+
                 for found in discover.walk(path, exclude=exclude):
                     if isinstance(found, discover.Pair):
                         yield self._job(found.prototxt, found.caffemodel, found.rel)
@@ -262,8 +262,6 @@ class _Run:
     def _files(self, files: list[Path]) -> Iterator[Job | Note]:
         """File arguments two at a time (PROTOTXT CAFFEMODEL); a file alone (or every file with
         --find-partners) gets its partner from the directory rules."""
-        from . import discover
-
         step = 1 if self.args.find_partners else 2
         i = 0
         while i < len(files):
@@ -271,6 +269,8 @@ class _Run:
                 yield self._job(files[i], files[i + 1], None)
                 i += 2
                 continue
+            from . import discover
+
             if not os.path.lexists(files[i]):
                 yield Note(files[i], "no such file", True)
                 i += 1
@@ -404,12 +404,13 @@ class _Run:
         args = self.args
         outs = job.outputs
         inputs = (job.prototxt, job.caffemodel)
+        ids = {p: _Ident.of(p) for p in inputs + (outs or ())}
         if outs is not None:
-            self._check_outputs(job, outs)
+            self._check_outputs(job, outs, ids)
         if self.json is not None:
             self.json.refuse_overlap(inputs + (outs or ()) + _backups(outs, args.in_place))
         exclusive = outs or ()
-        shared = [p for p in inputs if outs is None or not any(_same(p, o) for o in outs)]
+        shared = [p for p in inputs if outs is None or not any(ids[p].same(ids[o]) for o in outs)]
         owner = f"writing {outs[0]} and {outs[1]}" if outs else f"reading {inputs[0]} and {inputs[1]}"
         created: list[Path] = []  # output directories made here: removed again if the pair fails
         try:
@@ -488,17 +489,17 @@ class _Run:
             self._listed[directory] = commit.leftovers(directory)
         return self._listed[directory]
 
-    def _check_outputs(self, job: Job, outs: tuple[Path, Path]) -> None:
+    def _check_outputs(self, job: Job, outs: tuple[Path, Path], ids: dict[Path, _Ident]) -> None:
         from .errors import UsageError
 
         for out in outs:
-            if Path(os.path.realpath(out)) in self.written:
+            if Path(ids[out].real) in self.written:
                 raise UsageError(f"{out}: already written by an earlier pair of this run")
             if not self.args.in_place:
                 for src in (job.prototxt, job.caffemodel):
-                    if _same(out, src):
+                    if ids[out].same(ids[src]):
                         raise UsageError(f"{out}: output path is an input file (use --in-place to replace inputs)")
-        if _same(outs[0], outs[1]):
+        if ids[outs[0]].same(ids[outs[1]]):
             raise UsageError(f"{outs[0]}: both outputs would get the same path")
 
     def _report(self, result: Result) -> None:
@@ -537,6 +538,26 @@ def _backups(outs: tuple[Path, Path] | None, in_place: bool) -> tuple[Path, ...]
     if outs is None or not in_place:
         return ()
     return tuple(o.with_name(o.name + ".orig") for o in outs)
+
+
+class _Ident(NamedTuple):
+    """A path's real path and, if it exists, its inode: two paths name the same file when
+    either matches (hard links share an inode, a file to be created only a path)."""
+
+    real: str
+    inode: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, path: Path) -> _Ident:
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError:
+            return cls(real, None)
+        return cls(real, (st.st_dev, st.st_ino))
+
+    def same(self, other: _Ident) -> bool:
+        return self.real == other.real or (self.inode is not None and self.inode == other.inode)
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -23,7 +23,6 @@ caffemodel record; such markers are read as *legacy*.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -32,6 +31,11 @@ from typing import NamedTuple
 from .errors import MarkerError
 from .formulas import Formula, parse_source
 from .result import StrategyName
+
+try:  # the C module behind hashlib.blake2b, without hashlib's import of OpenSSL (3 ms a run)
+    from _blake2 import blake2b as _blake2b
+except ImportError:  # not CPython
+    from hashlib import blake2b as _blake2b
 
 RECORD_FIELD = 536870911  # LayerParameter field holding the caffemodel-side record
 DIGEST_CHARS = 12
@@ -161,7 +165,7 @@ def digest(parts: Iterable[bytes]) -> str:
 
     48 bits: a chance match between two different sets of statistics is 1 in 2.8e14.
     """
-    h = hashlib.blake2b(digest_size=DIGEST_CHARS // 2)
+    h = _blake2b(digest_size=DIGEST_CHARS // 2)
     for part in parts:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)

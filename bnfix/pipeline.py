@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import caffemodel, copier, pairing, prototxt, runtimes, state, verify
+from . import caffemodel, copier, pairing, prototxt, state, verify
 from . import semantics as sem
 from .errors import BnfixError
 from .formulas import Formula, parse_source
@@ -80,6 +80,8 @@ class Result:
     def deviations(self) -> list[Deviation]:
         """Every runtime (``runtimes.RUNTIMES``) in which a layer this run patches does not
         compute what it computes in Caffe, with the worst error or the failure."""
+        from . import runtimes
+
         _, written = self.apply()
         found: dict[str, tuple[float | None, str, list[str]]] = {}
         for p, w in zip(self.plans, written):

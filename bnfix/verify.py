@@ -78,6 +78,41 @@ def _blob_values(blob: bytes) -> tuple[array[float], list[bytes]]:
     return values, other
 
 
+def _spans(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """(number, wire type, value start, value end) of every field of ``buf[start:end]``."""
+    out, pos = [], start
+    while pos < end:
+        k, pos = _varint(buf, pos)
+        wire = k & 7
+        if wire == 0:
+            _, vend = _varint(buf, pos)
+        elif wire == 1:
+            vend = pos + 8
+        elif wire == 5:
+            vend = pos + 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            vend = pos + length
+        else:
+            raise AssertionError(f"internal error: wire type {wire} in a rebuilt entry")
+        if vend > end:
+            raise AssertionError("internal error: a rebuilt entry's field runs past its end")
+        out.append((k >> 3, wire, pos, vend))
+        pos = vend
+    return out
+
+
+def _value_ranges(buf: bytes, start: int, end: int) -> tuple[str, list[tuple[int, int]]]:
+    """Where a BlobProto's values are (double_data if any, else data), and their type."""
+    single, double = [], []
+    for number, _, a, b in _spans(buf, start, end):
+        if number == 5:
+            single.append((a, b))
+        elif number == 8:
+            double.append((a, b))
+    return ("d", double) if any(b > a for a, b in double) else ("f", single)
+
+
 def entry(written: bytes, original: bytes, blobs: Mapping[int, Sequence[float]],
           replace: Mapping[int, bytes | None]) -> list[array[float]]:
     """Check ``written`` (a whole layer entry) against ``original`` (the input's layer payload)
@@ -86,74 +121,70 @@ def entry(written: bytes, original: bytes, blobs: Mapping[int, Sequence[float]],
     if not written.startswith(_LAYER_KEY):
         raise AssertionError("internal error: a rebuilt entry is not a layer field")
     length, pos = _varint(written, len(_LAYER_KEY))
-    payload = written[pos:]
-    if len(payload) != length:
+    if len(written) - pos != length:
         raise AssertionError("internal error: a rebuilt entry's length prefix is wrong")
-    new = _fields(payload)
-    decoded, ranges = [], []
-    offset = 0
-    for number, wire, whole, value in new:
-        if number == _BLOBS and wire == 2:
-            start = offset + len(whole) - len(value)  # the blob message inside the payload
-            values, blob_ranges = _blob(value, start)
-            decoded.append(values)
-            ranges += blob_ranges
-        offset += len(whole)
-    if not replace and len(payload) == len(original):
-        # Only values changed: every other byte must be the original's, position for position.
-        pos = 0
-        for a, b in ranges:
-            if payload[pos:a] != original[pos:a]:
+    if replace or length != len(original):
+        return _entry_reshaped(written[pos:], original, blobs, replace)
+    # Only values changed: every other byte must be the original's, position for position, and
+    # every blob must hold the intended values (or, untouched, the original bytes).
+    payload = written[pos:]
+    decoded: list[array[float]] = []
+    at = 0
+    for _, wire, a, b in (s for s in _spans(payload, 0, length) if s[0] == _BLOBS):
+        if wire != 2:
+            raise AssertionError("internal error: a rebuilt entry has a blob that is not a message")
+        dtype, ranges = _value_ranges(payload, a, b)
+        values: array[float] = array(dtype)
+        for x, y in ranges:
+            if payload[at:x] != original[at:x]:
                 raise AssertionError("internal error: a rebuilt entry changed bytes outside its blob values")
-            pos = b
-        if payload[pos:] != original[pos:]:
-            raise AssertionError("internal error: a rebuilt entry changed bytes outside its blob values")
-        old_blobs = [v for n, w, _, v in _fields(original) if n == _BLOBS and w == 2]
-    else:
-        old = _fields(original)
-
-        def kept(fields: list[tuple[int, int, bytes, bytes]]) -> list[bytes]:
-            return [whole for number, _, whole, _ in fields if number != _BLOBS and number not in replace]
-
-        if kept(new) != kept(old):
-            raise AssertionError("internal error: a rebuilt entry changed fields bnfix does not edit")
-        old_blobs = [v for n, w, _, v in old if n == _BLOBS and w == 2]
-        for nb, ob in zip([v for n, w, _, v in new if n == _BLOBS and w == 2], old_blobs):
-            if _blob_values(nb)[1] != _blob_values(ob)[1]:
-                raise AssertionError("internal error: a rebuilt blob changed fields other than its values")
-        for number, payload_want in replace.items():
-            found = [v for n, w, _, v in new if n == number and w == 2]
-            if (payload_want is None and found) or (payload_want is not None and found != [payload_want]):
-                raise AssertionError(f"internal error: field {number} of a rebuilt entry is not the intended bytes")
-            if number == _BN_PARAM and payload_want is not None:
-                _check_eps(payload_want)
-    if len(decoded) != len(old_blobs):
-        raise AssertionError("internal error: a rebuilt entry has a different number of blobs")
-    for i, values in enumerate(decoded):
-        want = array(values.typecode, blobs[i]) if i in blobs else _blob_values(old_blobs[i])[0]
-        if values.tobytes() != want.tobytes():
-            raise AssertionError(f"internal error: blob {i} of a rebuilt entry does not hold the intended values")
+            values.frombytes(payload[x:y])
+            at = y
+        if sys.byteorder == "big":
+            values.byteswap()
+        index = len(decoded)
+        if index in blobs:
+            if values.tobytes() != array(dtype, blobs[index]).tobytes():
+                raise AssertionError(f"internal error: blob {index} of a rebuilt entry holds other values")
+        elif any(payload[x:y] != original[x:y] for x, y in ranges):
+            raise AssertionError(f"internal error: blob {index} of a rebuilt entry changed")
+        decoded.append(values)
+    if payload[at:] != original[at:]:
+        raise AssertionError("internal error: a rebuilt entry changed bytes outside its blob values")
+    if any(i >= len(decoded) for i in blobs):
+        raise AssertionError("internal error: a rebuilt entry has fewer blobs than intended")
     return decoded
 
 
-def _blob(blob: bytes, base: int) -> tuple[array[float], list[tuple[int, int]]]:
-    """A BlobProto's values and the byte ranges (offsets from ``base``) that hold them."""
-    single, double = array("f"), array("d")
-    ranges_f, ranges_d = [], []
-    offset = base
-    for number, _, whole, value in _fields(blob):
-        at = offset + len(whole) - len(value)
-        if number == 5:
-            single.frombytes(value)
-            ranges_f.append((at, at + len(value)))
-        elif number == 8:
-            double.frombytes(value)
-            ranges_d.append((at, at + len(value)))
-        offset += len(whole)
-    values, ranges = (double, ranges_d) if len(double) else (single, ranges_f)
-    if sys.byteorder == "big":
-        values.byteswap()
-    return values, ranges
+def _entry_reshaped(payload: bytes, original: bytes, blobs: Mapping[int, Sequence[float]],
+                    replace: Mapping[int, bytes | None]) -> list[array[float]]:
+    """:func:`entry` for an entry whose fields changed too (only a revert of bnfix 1.0's
+    stored parameters does that): field by field against the original."""
+    new, old = _fields(payload), _fields(original)
+    decoded = [_blob_values(v)[0] for n, w, _, v in new if n == _BLOBS and w == 2]
+
+    def kept(fields: list[tuple[int, int, bytes, bytes]]) -> list[bytes]:
+        return [whole for number, _, whole, _ in fields if number != _BLOBS and number not in replace]
+
+    if kept(new) != kept(old):
+        raise AssertionError("internal error: a rebuilt entry changed fields bnfix does not edit")
+    old_blobs = [v for n, w, _, v in old if n == _BLOBS and w == 2]
+    new_blobs = [v for n, w, _, v in new if n == _BLOBS and w == 2]
+    if len(new_blobs) != len(old_blobs):
+        raise AssertionError("internal error: a rebuilt entry has a different number of blobs")
+    for i, (nb, ob) in enumerate(zip(new_blobs, old_blobs)):
+        values, other = _blob_values(nb)
+        old_values, old_other = _blob_values(ob)
+        want = array(values.typecode, blobs[i]) if i in blobs else old_values
+        if other != old_other or values.tobytes() != want.tobytes():
+            raise AssertionError(f"internal error: blob {i} of a rebuilt entry does not hold the intended values")
+    for number, payload_want in replace.items():
+        found = [v for n, w, _, v in new if n == number and w == 2]
+        if (payload_want is None and found) or (payload_want is not None and found != [payload_want]):
+            raise AssertionError(f"internal error: field {number} of a rebuilt entry is not the intended bytes")
+        if number == _BN_PARAM and payload_want is not None:
+            _check_eps(payload_want)
+    return decoded
 
 
 def _check_eps(param: bytes) -> None:
