@@ -983,16 +983,16 @@ def test_progress_bar_only_on_a_terminal_after_a_second(tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    from bnfix import cli
+    from bnfix import output
 
     model = tmp_path / "m.caffemodel"
     model.write_bytes(b"\0" * 1000)
-    assert cli._bytes_progress(None, model) is None
-    assert cli._bytes_progress(Console(file=io.StringIO(), force_terminal=False), model) is None
+    assert output.bytes_progress(None, model) is None
+    assert output.bytes_progress(Console(file=io.StringIO(), force_terminal=False), model) is None
     out = io.StringIO()
     clock = iter([0.0, 0.5, 2.0, 3.0, 4.0] + [5.0] * 50)
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
-    update = cli._bytes_progress(Console(file=out, force_terminal=True, width=80), model)
+    update = output.bytes_progress(Console(file=out, force_terminal=True, width=80), model)
     update(100)  # 0.5 s: too early for a bar
     assert out.getvalue() == ""
     update(500)  # 2 s: the bar starts
