@@ -302,8 +302,6 @@ class Batch:
     def _tag_output_dir(self) -> None:
         """Mark ``-o DIR`` as a tree of outputs (discover.OUTPUT_TAG) when it lies inside a tree
         this run walks, once it holds a pair, so that a later walk of that tree skips it."""
-        from . import discover
-
         if self.out_dir is None or self._tagged:
             return
         self._tagged = True
@@ -311,6 +309,8 @@ class Batch:
         trees = [os.path.realpath(p) for p in self.args.paths if os.path.isdir(p)]
         if not any(out.startswith(t.rstrip(os.sep) + os.sep) for t in trees):
             return
+        from . import discover
+
         try:
             fd = os.open(self.out_dir / discover.OUTPUT_TAG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

@@ -82,9 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         "exit codes: 0 success, 1 --check found work, 2 usage or input error, 3 bug in bnfix,\n"
         "128+N stopped by signal N\n"
     )
+    _Formatter = _formatter_class()
     p = argparse.ArgumentParser(
         prog="bnfix", description="Fix BatchNorm eps/variance in Caffe models converted from Darknet, losslessly.",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=epilog, formatter_class=_Formatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="directories, PROTOTXT CAFFEMODEL pairs, or single files")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-o", "--output-dir", metavar="DIR",
@@ -118,6 +119,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="colour the summary (auto: only on a terminal, never under NO_COLOR)")
     p.add_argument("--version", action="version", version=f"bnfix {__version__}")
     return p
+
+
+def _formatter_class() -> type[argparse.RawDescriptionHelpFormatter]:
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        """argparse's formatter, told the width: left to itself it imports shutil (2 ms of every
+        run) to ask for the terminal size, whether any help is printed or not."""
+
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                     width: int | None = None) -> None:
+            try:
+                width = width or int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+                except (OSError, ValueError):
+                    width = 80
+            super().__init__(prog, indent_increment, max_help_position, max(width - 2, 11))
+
+    return Formatter
 
 
 def _conflict(args: argparse.Namespace) -> str | None:

@@ -91,7 +91,12 @@ def patched_variance(var: Floats, s: float, formula: Formula, eps: float) -> Arr
     float32: that would gain a few 1e-8 but make the map many-to-one, and a revert could then no
     longer recover the original bits.
     """
-    return stored_variance(darknet_denominator(var, formula), s, eps)
+    a, b = formula.inside, formula.outside
+    if not len(var) or min(var) + a < 0:  # NaN channels: the general path says so
+        return stored_variance(darknet_denominator(var, formula), s, eps)
+    eps32, s, sqrt = f32(eps), float(s), math.sqrt
+    # darknet_denominator and stored_variance in one pass (the same operations, bit for bit).
+    return to_f32([s * ((d := sqrt(v + a) + b) * d - eps32) for v in var])
 
 
 def original_variance(stored: Floats, s: float, formula: Formula, eps: float) -> list[float]:

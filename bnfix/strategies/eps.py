@@ -23,9 +23,9 @@ class EpsStrategy:
 
     def fit(self, orig: Stats, fit: Fit) -> Stats:
         s_eff, k = fit.s_eff, fit.k
-        target = sem.darknet_denominator([v / s_eff for v in orig.var], fit.formula)
+        var = orig.var if s_eff == 1 else [v / s_eff for v in orig.var]
         mean = orig.mean if k == 1 else sem.to_f32([m * k for m in orig.mean])
-        return Stats(mean, sem.stored_variance(target, fit.s_new, fit.eps), fit.s_new, orig.gamma)
+        return Stats(mean, sem.patched_variance(var, fit.s_new, fit.formula, fit.eps), fit.s_new, orig.gamma)
 
     def unfit(self, stored: Stats, fit: Fit) -> tuple[Stats, list[list[float]]]:
         var, exact = sem.variance_candidates(stored.var, fit.s_new, fit.formula, fit.eps, fit.s_orig)
