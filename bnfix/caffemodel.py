@@ -455,6 +455,9 @@ def decode_entry(layer: Layer, payload: bytes) -> Entry:
 
 
 def _decode_blob(buf: bytes, start: int, end: int, index: int) -> Blob:
+    fast = _common_blob(buf, start, end)
+    if fast is not None:
+        return fast
     legacy: dict[int, int] = {}
     shape: list[int] | None = None
     single, double = _Values("f"), _Values("d")
@@ -486,6 +489,28 @@ def _decode_blob(buf: bytes, start: int, end: int, index: int) -> Blob:
         if expected != values.count:
             raise WireError(f"blob {index} holds {values.count} values but its shape {list(dims)} needs {expected}")
     return Blob(buf, values.dtype, values.chunks, dims)
+
+
+def _common_blob(buf: bytes, start: int, end: int) -> Blob | None:
+    """The layout Caffe writes for every blob, ``shape { dim: packed }`` then ``data: packed``,
+    read without a field walk; None for any other layout (the walk then reads it)."""
+    if end - start < 4 or buf[start] != 0x3A:  # shape: field 7, length-delimited
+        return None
+    shape_len, pos = read_varint(buf, start + 1, end)
+    shape_end = pos + shape_len
+    if shape_end >= end or buf[pos] != 0x0A or buf[shape_end] != 0x2A:  # dim packed; then data
+        return None
+    dims_len, dpos = read_varint(buf, pos + 1, shape_end)
+    if dpos + dims_len != shape_end:
+        return None
+    dims = []
+    while dpos < shape_end:
+        d, dpos = read_varint(buf, dpos, shape_end)
+        dims.append(d)
+    data_len, vpos = read_varint(buf, shape_end + 1, end)
+    if vpos + data_len != end or data_len % 4 or data_len // 4 != math.prod(dims):
+        return None
+    return Blob(buf, "f", [(vpos, data_len // 4)] if data_len else [], tuple(dims))
 
 
 class _Values:

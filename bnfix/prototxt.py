@@ -793,17 +793,26 @@ def _parses(text: str) -> bool:
 class Layer:
     """A ``layer { ... }`` block of the document, with the few facts bnfix needs."""
 
-    __slots__ = ("body", "doc", "field", "index", "name", "type")
+    __slots__ = ("_at_test", "_bottoms", "_tops", "body", "doc", "field", "index", "name", "type")
 
     def __init__(self, doc: Document, f: Field, index: int):
         assert f.value is not None
         self.doc, self.field, self.body, self.index = doc, f, f.value, index
         self.name = doc.string(self.body.first("name")) or ""
         self.type = doc.string(self.body.first("type")) or ""
+        # Read on first use, once: pairing asks for them of many layers, many times.
+        self._at_test: bool | None = None
+        self._bottoms: list[str] | None = None
+        self._tops: list[str] | None = None
 
     @property
     def runs_at_test(self) -> bool:
         """Whether Caffe instantiates this layer in the TEST phase (``NetState`` rules)."""
+        if self._at_test is None:
+            self._at_test = self._test_phase()
+        return self._at_test
+
+    def _test_phase(self) -> bool:
         phase = self.doc.string(self.body.first("phase"))
         if phase:
             return phase == "TEST"
@@ -818,12 +827,16 @@ class Layer:
     @property
     def bottoms(self) -> list[str]:
         """The input blob names, unescaped (``bottom: "a"`` fields and ``bottom: ["a", "b"]``)."""
-        return self._names("bottom")
+        if self._bottoms is None:
+            self._bottoms = self._names("bottom")
+        return self._bottoms
 
     @property
     def tops(self) -> list[str]:
         """The output blob names, unescaped."""
-        return self._names("top")
+        if self._tops is None:
+            self._tops = self._names("top")
+        return self._tops
 
     def _names(self, key: str) -> list[str]:
         out = []
