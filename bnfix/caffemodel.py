@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import mmap
 import os
 import struct
 import sys
@@ -40,7 +39,7 @@ from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import EllipsisType
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias, overload
 
 from . import files
 from .errors import BnfixError, WireError
@@ -59,10 +58,12 @@ RECORD_NAME, RECORD_TEXT = 1, 2
 __all__ = ["Blob", "Entry", "Layer", "Model", "WireError", "fields"]
 
 
+Buffer: TypeAlias = "bytes | bytearray | memoryview | _Window"
+
 # -- wire primitives -------------------------------------------------------------------------
 
 
-def read_varint(buf: bytes | mmap.mmap | memoryview, pos: int, end: int) -> tuple[int, int]:
+def read_varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
     """Decode a varint at ``pos``; return (value, position after it)."""
     if pos < end and buf[pos] < 0x80:  # one byte: most keys and small lengths
         return buf[pos], pos + 1
@@ -112,7 +113,7 @@ class Span(NamedTuple):
     end: int
 
 
-def fields(buf: bytes | mmap.mmap | memoryview, start: int, end: int) -> Iterator[Span]:
+def fields(buf: Buffer, start: int, end: int) -> Iterator[Span]:
     """Walk the fields of the message occupying ``buf[start:end]`` without decoding values."""
     pos = start
     while pos < end:
@@ -303,6 +304,51 @@ class Entry:
         return field_bytes(LAYER, bytes(payload))
 
 
+class _Window:
+    """Bytes of an open file read on demand through one cached block.
+
+    The index reads a few bytes at the start of each layer. Through an ``mmap`` each of
+    those touches maps a whole page-cache folio (up to megabytes on current kernels),
+    which counts as the process's memory: 80 MiB for a 1.9 GB model. ``pread`` into one
+    reused block reads the same bytes without that.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+        self._at, self._block = -1, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> bytes: ...
+    def __getitem__(self, i: int | slice) -> int | bytes:
+        if isinstance(i, slice):
+            start, stop, _ = i.indices(self.size)
+            return self.read(start, stop - start)
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        at = i - i % self.BLOCK
+        if at != self._at:
+            self._block, self._at = os.pread(self.fd, self.BLOCK, at), at
+        return self._block[i - at]
+
+    def read(self, start: int, length: int) -> bytes:
+        """``length`` bytes at ``start`` (fewer only at the end of the file)."""
+        parts, want = [], max(length, 0)
+        while want:
+            part = os.pread(self.fd, want, start)
+            if not part:
+                break
+            parts.append(part)
+            start, want = start + len(part), want - len(part)
+        return b"".join(parts)
+
+
 class Model:
     """An open caffemodel: its layer index, and layer entries decoded on request."""
 
@@ -312,12 +358,11 @@ class Model:
         self._file = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         self.size, self.mtime_ns, self.ident = st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)
-        self._map: mmap.mmap | None = None
         if self.size == 0:
             self.close()
             raise WireError(f"{self.path}: empty file, not a caffemodel")
+        self._map = _Window(fd, self.size)
         try:
-            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             self.layers = self._index(self._map)
         except WireError as exc:
             hint = " (this looks like a text prototxt: are the arguments swapped?)" if self._looks_textual() else ""
@@ -328,10 +373,10 @@ class Model:
             raise
 
     def _looks_textual(self) -> bool:
-        head = self._map[:4096] if self._map is not None else b""
+        head = self._map.read(0, 4096)
         return bool(head) and all(b in b"\t\r\n" or 32 <= b < 127 for b in head)
 
-    def _index(self, buf: mmap.mmap) -> list[Layer]:
+    def _index(self, buf: _Window) -> list[Layer]:
         layers: list[Layer] = []
         self.records: list[Record] = []
         v1 = 0
@@ -362,8 +407,7 @@ class Model:
 
     def entry(self, layer: Layer) -> Entry:
         """Decode one layer entry (only layers bnfix may rewrite are ever decoded)."""
-        assert self._map is not None
-        payload = self._map[layer.payload : layer.end]
+        payload = self._map.read(layer.payload, layer.end - layer.payload)
         try:
             return decode_entry(layer, payload)
         except WireError as exc:
@@ -371,8 +415,7 @@ class Model:
 
     def tail(self, start: int) -> bytes:
         """The bytes from ``start`` to the end of the file."""
-        assert self._map is not None
-        return self._map[start:]
+        return self._map.read(start, self.size - start)
 
     def fileno(self) -> int:
         """The open file the index was read from (outputs are copied from it)."""
@@ -390,9 +433,6 @@ class Model:
             (mine.st_dev, mine.st_ino), mine.st_size, mine.st_mtime_ns)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         self._file.close()
 
     def __enter__(self) -> Model:
@@ -411,7 +451,7 @@ class Record(NamedTuple):
     end: int
 
 
-def _record(buf: mmap.mmap, sp: Span) -> Record:
+def _record(buf: _Window, sp: Span) -> Record:
     name, text = b"", b""
     for f in fields(buf, sp.value, sp.end):
         if f.wire == LEN and f.number == RECORD_NAME:
@@ -427,7 +467,7 @@ def encode_record(layer: str, text: bytes) -> bytes:
     return field_bytes(RECORD_FIELD, payload)
 
 
-def _name_and_type(buf: mmap.mmap, start: int, end: int) -> tuple[str, str] | None:
+def _name_and_type(buf: _Window, start: int, end: int) -> tuple[str, str] | None:
     """name and type when a layer starts with them, as Caffe writes every layer (one read of
     each instead of a field walk); None for any other layout."""
     if start + 1 >= end or buf[start] != 0x0A:

@@ -79,6 +79,35 @@ def test_index_reads_name_type_and_ranges():
         assert 149 in {sp.number for sp in caffemodel.fields(raw, 0, len(raw))}  # the fork's field
 
 
+
+@pytest.mark.parametrize("shift", range(0, 24, 3))
+def test_index_is_exact_wherever_a_layer_header_meets_a_read_block(shift, tmp_path):
+    """The index reads through a 4 KiB block (not an mmap); keys, lengths, names and types
+    that straddle a block edge must read exactly as protobuf reads them."""
+    net = cp.NetParameter()
+    for i in range(12):
+        layer = net.layer.add(name=f"layer-{i}-" + "n" * (i * 37 % 300), type="Convolution" if i % 2 else "BatchNorm")
+        layer.blobs.add().data.extend([0.5] * (1000 + 7 * i + shift))  # ~4 KiB: edges move each layer
+    data = net.SerializeToString()
+    (tmp_path / "m.caffemodel").write_bytes(data)
+    with caffemodel.Model(tmp_path / "m.caffemodel") as m:
+        assert [(l.name, l.type) for l in m.layers] == [(l.name, l.type) for l in net.layer]
+        assert [data[l.start:l.end] for l in m.layers] == entries(data)
+        assert [len(m.entry(l).blobs[0].values) for l in m.layers] == [1000 + 7 * i + shift for i in range(12)]
+
+
+def test_a_model_truncated_after_indexing_is_an_error_not_a_crash(tmp_path):
+    """Reads go through pread, so a file cut short under bnfix gives a clean error (an mmap
+    would kill the process with SIGBUS)."""
+    path = tmp_path / "m.caffemodel"
+    path.write_bytes((NANO / "MobileNetV2-YOLOv3-Nano-voc.caffemodel").read_bytes())
+    with caffemodel.Model(path) as m:
+        last_bn = [l for l in m.layers if l.type == "BatchNorm"][-1]
+        os.truncate(path, last_bn.payload + 10)
+        with pytest.raises(BnfixError, match=f"{path}: layer '{last_bn.name}': "):
+            m.entry(last_bn)
+        assert not m.unchanged()
+
 # -- everything but BatchNorm is byte-identical ---------------------------------------------------
 
 @pytest.mark.parametrize("stem", MODELS, ids=lambda p: p.name)
