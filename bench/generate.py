@@ -460,6 +460,10 @@ def small_pairs(n: int, out: Path) -> list[tuple[Path, Path]]:
     Reused while they are byte-for-byte the sample's size; extra pairs from a larger earlier run
     are removed so that ``bnfix DIR`` (see ``suite.bnfix_pairs_argv``) finds exactly ``n``.
     """
+    missing = [str(p) for p in SAMPLE if not p.is_file()]
+    if missing:
+        raise SystemExit(f"the small pairs are copies of the sample, and {missing[0]} is missing "
+                         "(run the bench from a checkout that has samples/)")
     out.mkdir(parents=True, exist_ok=True)
     sizes = [p.stat().st_size for p in SAMPLE]
     pairs = []
