@@ -2,13 +2,14 @@
 
 bnfix rewrites a few kilobytes of a caffemodel that can be 2 GB.  The untouched ranges are
 copied file to file by the kernel (``os.copy_file_range``; else ``os.sendfile``; else
-``pread``/``write`` chunks, each fallback tested), and the rebuilt layer entries are written
-between them, in file order, by one writer.
+``pread``/``write`` chunks, each fallback tested) into blocks reserved beforehand when the
+file is large, and the rebuilt layer entries are written over or after them.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ from .errors import BnfixError
 
 CHUNK = 64 << 20  # copy granularity: progress updates and signal checks between chunks
 _FALLBACK = 1 << 22
+PREALLOCATE_MIN = 64 << 20  # below this, loading ctypes costs more than preallocation saves
 
 
 class Replacement(NamedTuple):
@@ -41,6 +43,7 @@ def write(src: int, size: int, replacements: Sequence[Replacement], dst: int,
     much more slowly when it is not page-aligned with the input (see bench/).
     """
     reps = sorted(replacements)
+    preallocate(dst, output_size(size, reps))
     pos = done = 0
     for r in reps:
         if r.start < pos or r.end > size:
@@ -56,6 +59,39 @@ def write(src: int, size: int, replacements: Sequence[Replacement], dst: int,
             _pwrite_all(dst, r.data, r.start + shift)
         else:
             shift += len(r.data) - (r.end - r.start)
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of a large output before copying into them.
+
+    Measured in bench/ (copy anatomy): a kernel copy into preallocated blocks takes 0.75-0.83x
+    the time of the same copy into an empty file, and a full disk is refused before a byte is
+    copied.  Only Linux's fallocate(2) is used: glibc's ``posix_fallocate`` (``os.``) falls back
+    to writing into every block on file systems without it, which would cost more than it saves.
+    """
+    if size < PREALLOCATE_MIN or not sys.platform.startswith("linux"):
+        return
+    fallocate = _fallocate()
+    if fallocate is None or fallocate(fd, 0, 0, size) == 0:
+        return
+    import ctypes
+
+    err = ctypes.get_errno()
+    if err not in _FALL_BACK_ERRNOS:
+        raise OSError(err, os.strerror(err))
+
+
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -273,6 +274,58 @@ def test_a_real_write_error_is_not_taken_for_a_missing_syscall(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(BnfixError, match="No space left on device"):
+        bnfix.patch(pp, mp).save(tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_preallocated_output_is_the_same_bytes(tmp_path, monkeypatch):
+    """Large outputs get their blocks reserved first (fallocate); the bytes do not change, and
+    a file system without fallocate only means no preallocation."""
+    from bnfix import copier
+
+    pp, mp = SAMPLE / "yoloface-50k.prototxt", SAMPLE / "yoloface-50k.caffemodel"
+    bnfix.patch(pp, mp).save(tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
+    expected = (tmp_path / "a.caffemodel").read_bytes()
+    monkeypatch.setattr(copier, "PREALLOCATE_MIN", 0)
+    sizes = []
+    real = copier._fallocate()
+    if sys.platform.startswith("linux"):
+        assert real is not None
+
+    def spy(fd: int, mode: int, offset: int, length: int) -> int:
+        sizes.append((mode, offset, length))
+        return real(fd, mode, offset, length) if real is not None else 0
+
+    monkeypatch.setattr(copier, "_fallocate", lambda: spy)
+    bnfix.patch(pp, mp).save(tmp_path / "b.prototxt", tmp_path / "b.caffemodel")
+    assert (tmp_path / "b.caffemodel").read_bytes() == expected
+    assert sizes == [(0, 0, len(expected))]
+
+    def unsupported(*a: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(copier, "_fallocate", lambda: unsupported)
+    bnfix.patch(pp, mp).save(tmp_path / "c.prototxt", tmp_path / "c.caffemodel")
+    assert (tmp_path / "c.caffemodel").read_bytes() == expected
+
+
+def test_a_full_disk_is_found_before_the_copy(tmp_path, monkeypatch):
+    from bnfix import copier
+
+    pp, mp = SAMPLE / "yoloface-50k.prototxt", SAMPLE / "yoloface-50k.caffemodel"
+
+    def full(*a: int) -> int:
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    def no_copy(*a, **k):
+        raise AssertionError("copied after fallocate failed")
+
+    monkeypatch.setattr(copier, "PREALLOCATE_MIN", 0)
+    monkeypatch.setattr(copier, "_fallocate", lambda: full)
+    monkeypatch.setattr(os, "copy_file_range", no_copy)
     with pytest.raises(BnfixError, match="No space left on device"):
         bnfix.patch(pp, mp).save(tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
