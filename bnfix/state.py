@@ -23,6 +23,7 @@ no marker                 record                      error: patched caffemodel,
                                                       prototxt
 marker                    record of another patch     error: mixed from two patches
 marker                    record, stats changed       error: modified after bnfix wrote it
+scale marker, no Scale    (any)                       error: the prototxt was edited since
 ========================  ==========================  ======================================
 
 The errors name both files and say how to recover.
@@ -77,6 +78,12 @@ def assess(g: Group, prototxt: Path, model: Path) -> Assessment:
         if all(p is not None and p.eps == f32(m.eps) for p in stored):
             return Assessment(State.LEGACY)
         return Assessment(State.RAW_UNDER_MARKER, "its statistics were never patched by bnfix 1.0")
+    if m.strategy is StrategyName.SCALE and g.scale is None:
+        # The digest covered the Scale's gamma; without it, the BatchNorm blobs alone would
+        # look raw and be corrected a second time on top of the folded gamma.
+        raise InconsistentPair(
+            f"{prototxt}: {where} was patched by folding into its Scale layer, but that Scale is no "
+            f"longer found ({g.no_scale}): undo the prototxt edit, or {_recover(prototxt, model)}")
     current = marker.digest(g.stat_parts(m.strategy is StrategyName.SCALE))
     if r is None:
         if current == m.stats:

@@ -204,3 +204,20 @@ def test_marker_digest_is_of_the_statistics_written(files):
     stats = re.findall(r"stats ([0-9a-f]{12}) from ([0-9a-f]{12})", text)
     assert len(stats) == 23 and all(a != b for a, b in stats)
     assert marker.DIGEST_CHARS == 12 and doc.needs_work is False
+
+
+def test_a_scale_fit_whose_scale_layer_is_gone_is_refused_not_corrected_twice(files, capsys):
+    """The scale strategy's digest covers the Scale's gamma: with that Scale renamed away, the
+    BatchNorm blobs alone would look raw and be corrected a second time on the folded gamma."""
+    bnfix.patch(P, M, strategy="scale").save(files / "s.prototxt", files / "s.caffemodel")
+    text = (files / "s.prototxt").read_text().replace('name: "layer1-scale"', 'name: "renamed"', 1)
+    (files / "n.prototxt").write_text(text)
+    for extra in ([], ["--revert"], ["--force"]):
+        line = _one_error(capsys, str(files / "n.prototxt"), str(files / "s.caffemodel"), "-o",
+                          str(files / "out"), *extra)
+        assert line == (
+            f"bnfix: error: {files}/n.prototxt: layer 'layer1-bn' was patched by folding into its Scale layer, "
+            "but that Scale is no longer found (Scale layer 'renamed' has no Scale entry in the caffemodel): "
+            "undo the prototxt edit, or restore both files from the same run (e.g. n.prototxt.orig and "
+            "s.caffemodel.orig after --in-place) and run bnfix again"), extra
+    assert not (files / "out").exists()
