@@ -293,8 +293,12 @@ class Batch:
             return
         if args.in_place and not result.changed:
             return  # the inputs are the outputs already: rewriting them would only make .orig copies
-        result.save(*outs, backup=args.in_place, sync=not args.no_sync,
-                    progress=output.bytes_progress(self.console, job.caffemodel) if self.single else None, lock=False)
+        progress = output.BytesProgress.on(self.console, job.caffemodel) if self.single else None
+        try:
+            result.save(*outs, backup=args.in_place, sync=not args.no_sync, progress=progress, lock=False)
+        finally:
+            if progress is not None:
+                progress.close()
         self.current_saved = True
         self.written.update(Path(os.path.realpath(o)) for o in outs)
         self._tag_output_dir()

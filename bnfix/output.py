@@ -5,6 +5,7 @@ place at the end.  What is said is built by ``report.py``; this module only writ
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -64,30 +65,41 @@ class Progress:
             self.bar.stop()
 
 
-def bytes_progress(console: Console | None, path: Path) -> Any:
-    """A progress callback that shows a bar only on a terminal once the copy has taken > 1 s."""
-    if console is None or not console.is_terminal:
-        return None
-    import time
+class BytesProgress:
+    """A progress callback for one large copy: a bar on a terminal once the copy has taken more
+    than a second.  :meth:`close` removes the bar whether the copy finished or failed."""
 
-    total = path.stat().st_size
-    start = time.monotonic()
-    state: dict[str, Any] = {}
+    def __init__(self, console: Console, total: int):
+        import time
 
-    def update(done: int) -> None:
-        if "bar" not in state:
-            if time.monotonic() - start < 1.0:
+        self.console, self.total, self.start = console, total, time.monotonic()
+        self.bar: Any = None
+        self.task: Any = None
+
+    @classmethod
+    def on(cls, console: Console | None, path: Path) -> BytesProgress | None:
+        if console is None or not console.is_terminal:
+            return None
+        return cls(console, path.stat().st_size)
+
+    def __call__(self, done: int) -> None:
+        if self.bar is None:
+            import time
+
+            if time.monotonic() - self.start < 1.0:
                 return
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-            bar = Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), console=console, transient=True)
-            state["bar"], state["task"] = bar, bar.add_task("copy", total=total)
-            bar.start()
-        state["bar"].update(state["task"], completed=done)
-        if done >= total:
-            state["bar"].stop()
+            self.bar = Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), console=self.console,
+                                transient=True)
+            self.task = self.bar.add_task("copy", total=self.total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done)
 
-    return update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 class JsonSink:
@@ -101,6 +113,7 @@ class JsonSink:
         self.unpaired_files: list[str] = []
         self.forbidden: set[str] = set()
         self.refused = False  # the report path was refused (said once, where it was found)
+        self.failed = False  # writing the report failed (said once, when it happened)
         self.count = 0
         self._tmp: Any = None
         self._fd: int | None = None
@@ -122,13 +135,23 @@ class JsonSink:
         if self.path is None:
             sys.stdout.write(text)
             return
-        if self._fd is None:
-            from . import commit
+        if self.failed:
+            return
+        try:
+            if self._fd is None:
+                from . import commit
 
-            self._tmp = commit.temp_name(self.path)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        _write_all(self._fd, text.encode())
+                self._tmp = commit.temp_name(self.path)
+                if self.path.parent.exists() and not self.path.parent.is_dir():  # mkdir says EEXIST
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            _write_all(self._fd, text.encode())
+        except OSError as exc:
+            # The pairs do not depend on their report: the run goes on, and exits 2 at the end.
+            self.failed = True
+            error(f"{self.target}: cannot write: {exc.strerror or exc}")
+            self.discard()
 
     def _head(self) -> str:
         import json
@@ -159,12 +182,16 @@ class JsonSink:
                 error(f"{self.target}: the JSON report would overwrite a file of this run")
             self.discard()
             return EXIT_ERROR
+        if self.failed:
+            return EXIT_ERROR
         tail = (("" if self.count else self._head()) + "\n],\n"
                 f'"errors": {json.dumps(self.errors, indent=2)},\n'
                 f'"unpaired": {json.dumps(self.unpaired_files, indent=2)},\n'
                 f'"totals": {json.dumps(totals.as_dict(), indent=2)}}}\n')
+        self._write(tail)
+        if self.failed:
+            return EXIT_ERROR
         try:
-            self._write(tail)
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -181,7 +208,10 @@ class JsonSink:
             os.close(self._fd)
             self._fd = None
         if self._tmp is not None and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass  # the directory went read-only meanwhile: nothing more bnfix can do
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -392,6 +392,17 @@ def test_json_path_equal_to_an_input_is_refused(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_a_json_report_that_cannot_be_written_does_not_stop_the_pairs(tmp_path, capsys):
+    """The report path's directory is a file: one error line, exit 2, the pairs still fixed."""
+    pp, mp = copy_sample(tmp_path)
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, pp, mp, "-o", tmp_path / "out", "--json", tmp_path / "file" / "r.json", "-q")
+    assert code == 2
+    assert err == "bnfix: error: file/r.json: cannot write: Not a directory\n"
+    assert run(capsys, tmp_path / "out" / pp.name, tmp_path / "out" / mp.name, "--check")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file", mp.name, "out", pp.name])
+
+
 def test_two_pairs_colliding_in_output_dir(tmp_path, capsys):
     """Regression: the second pair used to overwrite the first pair's outputs silently (exit 0)."""
     a = copy_sample(tmp_path / "a")
@@ -987,16 +998,20 @@ def test_progress_bar_only_on_a_terminal_after_a_second(tmp_path, monkeypatch):
 
     model = tmp_path / "m.caffemodel"
     model.write_bytes(b"\0" * 1000)
-    assert output.bytes_progress(None, model) is None
-    assert output.bytes_progress(Console(file=io.StringIO(), force_terminal=False), model) is None
+    assert output.BytesProgress.on(None, model) is None
+    assert output.BytesProgress.on(Console(file=io.StringIO(), force_terminal=False), model) is None
     out = io.StringIO()
     clock = iter([0.0, 0.5, 2.0, 3.0, 4.0] + [5.0] * 50)
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
-    update = output.bytes_progress(Console(file=out, force_terminal=True, width=80), model)
+    update = output.BytesProgress.on(Console(file=out, force_terminal=True, width=80), model)
+    assert update is not None
     update(100)  # 0.5 s: too early for a bar
     assert out.getvalue() == ""
-    update(500)  # 2 s: the bar starts
-    update(1000)  # done: the bar stops (transient: it erases itself)
+    update(500)  # 2 s: the bar starts (a copy that fails here still gets it removed by close)
+    bar = update.bar
+    assert bar is not None and bar.live.is_started
+    update.close()  # transient: it erases itself, and its refresh thread ends
+    assert update.bar is None and not bar.live.is_started
     assert "writing" in out.getvalue()
 
 
