@@ -3,7 +3,9 @@ only for the layers bnfix rewrites (BatchNorm and the Scale layers that follow t
 
 A caffemodel is one protobuf ``NetParameter``.  Decoding it whole costs seconds and gigabytes
 (a 248 MB YOLOv3 becomes ~780 MB of Python objects), yet bnfix changes a few kilobytes, so this
-module never decodes what it does not patch.  The file is memory-mapped and walked as:
+module never decodes what it does not patch.  The file is read with ``pread`` through one
+small cached block (``_Window``; an mmap would map a whole page-cache folio per header it
+touches) and walked as:
 
 * ``NetParameter``: each ``layer`` entry (field 100, a ``LayerParameter``) becomes a
   :class:`Layer` (offsets) with its ``name`` (1) and ``type`` (2); nothing else of it is read,
@@ -42,7 +44,7 @@ from types import EllipsisType
 from typing import NamedTuple, TypeAlias, overload
 
 from . import files
-from .errors import BnfixError, WireError
+from .errors import InputChanged, WireError
 from .marker import RECORD_FIELD
 
 LAYER = 100  # NetParameter.layer
@@ -582,4 +584,4 @@ class _Values:
 def check_file(path: Path, model: Model) -> None:
     """Refuse to write from a caffemodel that changed on disk since it was read."""
     if not model.unchanged():
-        raise BnfixError(f"{path}: the file changed while bnfix was running")
+        raise InputChanged(f"{path}: the file changed while bnfix was running")

@@ -187,11 +187,10 @@ def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True
     any other exception from a ``fill`` propagates unchanged, after the temps were removed.
     """
     names = [Path(out.path) for out in outputs]  # the user's names, for the messages
-    slots: list[_Slot] = []
+    slots = [_check(out) for out in outputs]  # nothing created yet: no cleanup needed
+    _refuse_duplicates(slots)
     warnings: list[str] = []
     try:
-        slots.extend(_check(out) for out in outputs)
-        _refuse_duplicates(slots)
         for slot in slots:
             _write(slot, sync, warnings)
         if backup:
@@ -199,7 +198,7 @@ def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True
         for slot in slots:
             _keep_old(slot)
         return _switch(slots, sync, warnings)
-    except (Interrupted, CommitError, ValueError):  # nothing to clean up, or done by _switch
+    except (Interrupted, CommitError):  # done by _switch
         raise
     except BaseException as exc:  # before the first rename: remove everything, nothing changed
         with HoldSignals() as held:

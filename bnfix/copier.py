@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from .errors import BnfixError
+from .errors import InputChanged
 
 CHUNK = 64 << 20  # copy granularity: progress updates and signal checks between chunks
 _FALLBACK = 1 << 22
@@ -134,7 +134,7 @@ def copy_range(src: int, dst: int, offset: int, count: int) -> int:
             raise
     chunk = os.pread(src, min(count, _FALLBACK), offset)
     if not chunk:
-        raise BnfixError(f"the input ended {count} bytes early while copying")
+        raise InputChanged(f"the input ended {count} bytes early while copying")
     _write_all(dst, chunk)
     return len(chunk)
 

@@ -44,5 +44,9 @@ class InconsistentPair(BnfixError):
     """
 
 
+class InputChanged(BnfixError):
+    """An input changed on disk while bnfix was running: nothing is written from it."""
+
+
 class UsageError(BnfixError):
     """Options that cannot go together, or an output path that would destroy something."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import caffemodel, copier, pairing, prototxt, state, verify
 from . import semantics as sem
-from .errors import BnfixError
+from .errors import BnfixError, InputChanged
 from .formulas import Formula, parse_source
 from .plan import LayerPlan, plan_patch, report
 from .result import LayerReport, Mode, Options, Status
@@ -167,7 +167,10 @@ class Result:
         model_fd = self._model.fileno()
 
         def write_model(fd: int) -> None:
-            copier.write(model_fd, size, replacements, fd, progress)
+            try:
+                copier.write(model_fd, size, replacements, fd, progress)
+            except InputChanged as exc:
+                raise InputChanged(f"{self.caffemodel}: the file changed while bnfix was running ({exc})") from None
             # The bytes came from the file that was read; another program writing into it
             # meanwhile would have mixed them: then nothing is renamed.
             caffemodel.check_file(self.caffemodel, self._model)
@@ -195,7 +198,7 @@ class Result:
 
     def _check_inputs_unchanged(self) -> None:
         if _identity(self.prototxt) != self._prototxt_id:
-            raise BnfixError(f"{self.prototxt}: the file changed while bnfix was running")
+            raise InputChanged(f"{self.prototxt}: the file changed while bnfix was running")
         caffemodel.check_file(self.caffemodel, self._model)
 
     def close(self) -> None:
@@ -272,8 +275,8 @@ def revert(prototxt_path: str | Path, caffemodel_path: str | Path) -> Result:
 def run(pp: Path, mp: Path, options: Options, mode: Mode) -> Result:
     """Read both files, pair their layers, assess and plan each, check the prototxt edits."""
     _refuse_swapped(pp, mp)
+    pid = _identity(pp)  # before the read: a change from here on shows at save time
     doc = prototxt.read(pp)
-    pid = _identity(pp)
     model = caffemodel.Model(mp)
     try:
         groups, warnings = pairing.pair(doc, model)

@@ -331,6 +331,26 @@ def test_a_full_disk_is_found_before_the_copy(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_input_that_shrinks_during_the_copy_is_named(tmp_path, monkeypatch):
+    """The copy reaching the input's end early means another program cut the file: the error
+    names it, and nothing is written."""
+    pp, mp = SAMPLE / "yoloface-50k.prototxt", SAMPLE / "yoloface-50k.caffemodel"
+    result = bnfix.patch(pp, mp)
+    result.apply()  # everything read from the model before the copy
+
+    def refuse(*a, **k):
+        raise OSError(errno.ENOSYS, "not supported")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "sendfile", refuse)
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: b"")
+    with pytest.raises(BnfixError) as info:
+        result.save(tmp_path / "a.prototxt", tmp_path / "a.caffemodel")
+    assert str(info.value) == (f"{mp}: the file changed while bnfix was running (the input ended "
+                               f"{mp.stat().st_size} bytes early while copying)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_bad_statistics_are_refused_before_anything_is_written(tmp_path):
     layer = cp.bn_layer("bn", [0.0, 0.0], [1.0, float("nan")])
     (tmp_path / "m.prototxt").write_text(BN.format(body=""))
