@@ -13,22 +13,18 @@ fixed input seed 0, 1x3x320x320, compared at the two YOLO head inputs (``layer69
 ``Input -> BatchNorm -> Scale`` net with variances [0, 1e-9, 1e-6, 1e-3, 1, 4]
 (runtimes/synthetic.py), compared per channel as relative error.
 
-What runs today (the harness, proven on what bnfix 1.0 has):
+What runs:
 - each runtime computes what we say it computes, on the stored bytes, to float32 noise;
-- the unpatched pair is far off in every runtime, and today's default patch reaches the goal in
-  the runtimes that read eps from the prototxt, but not in caffe2onnx.
-What the lead engineer enables when ``--target`` / ``--strategy`` exist (marked ``needs_cli``;
-the CLI calls are between ``>>> bnfix CLI`` comments): every target in its runtimes, and
-``--strategy scale`` on the synthetic net in OpenCV.
+- the unpatched pair is far off in every runtime, and the default patch reaches the goal in
+  the runtimes that read eps from the prototxt, but not in caffe2onnx;
+- every ``--target`` in each of its runtimes, and ``--strategy scale`` on the synthetic net in
+  OpenCV.
 
 Skips with a reason when a runtime cannot be installed, but never under CI=true.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -87,20 +83,6 @@ def _skip_or_fail(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true, so this must not skip: {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def _cli_has(option: str) -> bool:
-    """Whether ``bnfix --help`` lists `option` (``--target`` is not ``--target-eps``)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        bnfix_main(["--help"])
-    return re.search(rf"{re.escape(option)}(?![\w-])", out.getvalue()) is not None
-
-
-def needs_cli(option: str) -> pytest.MarkDecorator:
-    """Not run until bnfix has `option` (issue 9 §2-3); then it runs and must pass."""
-    return pytest.mark.xfail(not _cli_has(option), run=False, strict=True,
-                             reason=f"bnfix has no {option} yet (issue 9); enable by building it")
 
 
 def max_abs_diff(candidate: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
@@ -229,9 +211,7 @@ def bnfix_pair(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Pair, str,
         key = (source, label)
         if key not in made:
             out = tmp_path_factory.mktemp(f"bnfix-{label}")
-            # >>> bnfix CLI: `args` is [] (today's default) or the flags under test
             code = bnfix_main([str(source[0]), str(source[1]), "-o", str(out), *args, "--quiet"])
-            # <<< bnfix CLI
             assert code == 0, f"bnfix {' '.join(args)} exited {code}"
             made[key] = (out / source[0].name, out / source[1].name)
         return made[key]
@@ -286,7 +266,7 @@ def synthetic_net(tmp_path_factory: pytest.TempPathFactory) -> synthetic.Synthet
 
 
 # ---------------------------------------------------------------------------
-# The harness, today
+# The harness, and the default patch
 
 
 def test_standard_upsample_copy_is_exact_and_touches_only_upsample(tmp_path, runtime_loader):
@@ -338,7 +318,7 @@ def test_private_venv_is_reused_until_its_pins_change(tmp_path, monkeypatch):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_runtime_computes_its_formula_on_the_stored_bytes(runtime, runtime_loader, synthetic_net,
                                                           bnfix_pair, tmp_path, record_property):
-    """On the synthetic net, unpatched and patched by today's default: the runtime's output is
+    """On the synthetic net, unpatched and patched by the default (eps) strategy: the runtime's output is
     its formula on the stored float32 values, every channel, dead ones included. For caffe2onnx
     that formula divides the variance by s + 1e-5, and plain Caffe's formula is measurably not
     what it computes."""
@@ -385,7 +365,7 @@ def test_caffe2onnx_quirks_a_target_must_survive(runtime_loader, tmp_path):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_unpatched_and_default_patch_in_runtime(runtime, nano_heads, darknet_heads, record_property):
     """The harness tells a right formula from a wrong one in every runtime: the unpatched pair
-    misses the goal by far; today's default patch reaches it where eps is read from the
+    misses the goal by far; the default patch reaches it where eps is read from the
     prototxt, and cannot in caffe2onnx (its variance divisor, issue 9)."""
     unpatched = max_abs_diff(nano_heads(runtime, "unpatched"), darknet_heads)
     default = max_abs_diff(nano_heads(runtime, "default"), darknet_heads)
@@ -401,17 +381,14 @@ def test_unpatched_and_default_patch_in_runtime(runtime, nano_heads, darknet_hea
 
 
 # ---------------------------------------------------------------------------
-# The proof, once --target and --strategy exist
+# The proof: every target in its runtimes
 
 
-@needs_cli("--target")
 @pytest.mark.parametrize("target,runtime", [(t, r) for t, rs in TARGETS.items() for r in rs])
 def test_target_matches_darknet_in_its_runtime(target, runtime, nano_heads, darknet_heads,
                                                record_property):
-    # >>> bnfix CLI: bnfix P M -o OUT --target <target> --quiet (through nano_heads/bnfix_pair)
     patched = max_abs_diff(nano_heads(runtime, f"target-{target}", ["--target", target]),
                            darknet_heads)
-    # <<< bnfix CLI
     unpatched = max_abs_diff(nano_heads(runtime, "unpatched"), darknet_heads)
     record_property(f"target_{target}_in_{runtime}", patched)
     print(f"\n--target {target} in {runtime}: {patched:.3g} (unpatched {unpatched:.3g})")
@@ -419,14 +396,11 @@ def test_target_matches_darknet_in_its_runtime(target, runtime, nano_heads, dark
     assert unpatched >= GOAL_FACTOR * patched
 
 
-@needs_cli("--strategy")
 def test_scale_strategy_is_exact_on_dead_channels_in_opencv(runtime_loader, synthetic_net,
                                                             bnfix_pair, tmp_path, record_property):
     rt = runtime_loader("opencv")
     source = (synthetic_net.prototxt, synthetic_net.caffemodel)
-    # >>> bnfix CLI: bnfix P M -o OUT --strategy scale --quiet
     p, m = bnfix_pair(source, "strategy-scale", ["--strategy", "scale"])
-    # <<< bnfix CLI
     (y,) = rt.run(p, m, synthetic_net.input, [synthetic.OUTPUT], tmp_path)
     rel = synthetic.per_channel_rel_error(y, synthetic_net.reference())
     record_property("synthetic_opencv_strategy_scale", rel.tolist())
