@@ -264,7 +264,7 @@ VARIANTS = [
     Variant("copy_file_range, pieces, no shift", "warm", CFR, True, 0),
     Variant("copy_file_range, pieces, no shift, first call to 64 KiB grid", "warm", CFR, True, 0,
             grid=64 * KIB),
-    Variant(f"copy_file_range, {PIECES} (bnfix today)", "warm", CFR, True, G, call=64 * MIB),
+    Variant(f"copy_file_range, {PIECES} (bnfix 1.0)", "warm", CFR, True, G, call=64 * MIB),
     Variant(f"sendfile, {PIECES}", "warm", "sendfile", True, G),
     Variant(f"splice via 64 KiB pipe, {PIECES}", "warm", SPLICE, True, G, pipe=64 * KIB,
             call=64 * KIB),
@@ -285,7 +285,7 @@ VARIANTS = [
             fallocate=True),
     # input not in the page cache (evicted with POSIX_FADV_DONTNEED, untimed)
     Variant("cold: copy_file_range, whole file", "cold", CFR, False, 0),
-    Variant(f"cold: copy_file_range, {PIECES} (bnfix today)", "cold", CFR, True, G,
+    Variant(f"cold: copy_file_range, {PIECES} (bnfix 1.0)", "cold", CFR, True, G,
             call=64 * MIB),
     Variant(f"cold: {BEST}, {PIECES}", "cold", SPLICE, True, G, 960 * KIB, 64 * KIB, MIB),
     Variant(f"cold: pread/pwrite on 64 KiB grid, {PIECES}", "cold", RW, True, G,
@@ -294,7 +294,7 @@ VARIANTS = [
             call=2 * MIB, grid=2 * MIB),
     # durable: fsync before close, inside the time
     Variant("durable: copy_file_range, whole file + fsync", "durable", CFR, False, 0, fsync=True),
-    Variant(f"durable: copy_file_range, {PIECES} (bnfix today) + fsync", "durable", CFR, True,
+    Variant(f"durable: copy_file_range, {PIECES} (bnfix 1.0) + fsync", "durable", CFR, True,
             G, call=64 * MIB, fsync=True),
     Variant(f"durable: {BEST}, {PIECES} + fsync", "durable", SPLICE, True, G, 960 * KIB, 64 * KIB, MIB,
             fsync=True),

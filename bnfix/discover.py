@@ -71,8 +71,9 @@ Walking a tree
   ``.bnfix-lock`` or ``.orig`` (bnfix's outputs, temporary files and backups); every
   directory in ``exclude``, matched by its real path and, if it existed when the walk began, by
   identity, so an output directory created during the walk is skipped too; every directory
-  holding a ``.bnfix-output`` tag (``bnfix -o DIR`` writes one into DIR), so a tree patched into
-  a directory inside itself is not picked up again by later runs.  The root itself is always
+  holding a ``.bnfix-output`` tag (``bnfix -o DIR`` writes one into DIR when DIR lies inside a
+  tree it walks), so a tree patched into a directory inside itself is not picked up again by
+  later runs.  The root itself is always
   walked (``bnfix OUT --check`` checks the outputs).  Other file types are ignored.
 - Symlinked directories are never followed.  A target inside the tree is walked anyway, under
   its own path, so every directory is walked once, under the path that ``-o`` mirrors and
@@ -114,7 +115,7 @@ __all__ = ["CAFFEMODEL", "PROTOTXT", "Found", "Pair", "Rule", "Unpaired", "Why",
 
 PROTOTXT, CAFFEMODEL = ".prototxt", ".caffemodel"
 VCS_DIRS = frozenset({".git", ".hg", ".svn"})
-OUTPUT_TAG = ".bnfix-output"  # written by ``bnfix -o DIR`` into DIR: a tree of outputs, not inputs
+OUTPUT_TAG = ".bnfix-output"  # in an ``-o DIR`` inside a walked tree: a tree of outputs, not inputs
 BNFIX_SUFFIXES = (".bnfix.prototxt", ".bnfix.caffemodel", ".bnfix-tmp", ".bnfix-old", ".bnfix-lock",
                   ".orig")
 TRAINING_WORDS = frozenset({"train", "trainval", "training", "test"})

@@ -4,11 +4,10 @@
 
       layer {  # bnfix: eps fit to sqrt(var) + 1e-06, eps 1e-06, stats 3f09a1c2b7d1 from 9c41d0e2aa57 [undo eps=none]
 
-* In the **caffemodel**, the same text as an extra field of the BatchNorm layer's
-  ``LayerParameter`` (field 536870911, the largest protobuf field number, which no Caffe fork
-  uses).  Protobuf parsers keep unknown fields and ignore them, and every runtime takes layer
-  parameters from the prototxt and only the blobs from the caffemodel, so the record changes
-  nothing at inference.
+* In the **caffemodel**, a *record*: a top-level ``NetParameter`` field appended at the end of
+  the file (field 536870911, the largest protobuf field number, which no Caffe fork uses),
+  holding the layer name and the same text.  Protobuf parsers keep unknown fields and ignore
+  them, so the record changes nothing at inference.
 
 Both name the strategy, the Darknet formula, the eps, and two short digests: ``stats`` of the
 statistics bnfix wrote (BatchNorm blobs, plus the Scale blobs when the layer has one) and
@@ -37,7 +36,7 @@ try:  # the C module behind hashlib.blake2b, without hashlib's import of OpenSSL
 except ImportError:  # not CPython
     from hashlib import blake2b as _blake2b
 
-RECORD_FIELD = 536870911  # LayerParameter field holding the caffemodel-side record
+RECORD_FIELD = 536870911  # NetParameter field holding a caffemodel-side record
 DIGEST_CHARS = 12
 
 _V2 = re.compile(

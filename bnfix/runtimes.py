@@ -11,7 +11,9 @@ which, with the source line it was read from (README "Targets"):
 * whether it needs the Scale to be the next prototxt layer.
 
 ``deviations`` evaluates a written layer under every row, so the summary can say where an
-output is *not* right, instead of assuming it.
+output is *not* right, instead of assuming it.  The ``ncnn`` row has no field of its own: a
+radicand ``<= 0``, where ncnn gives NaN or inf, is NaN in Caffe too, and bnfix's fit never
+stores one (the error column, computed as Caffe computes, would be non-finite).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ whether it can correct a group at all (``unusable``), and inverts its own fit fo
 re-patch (``unfit``).  Everything else (deciding whether a layer needs work, the scale-factor
 fixes, eps and use_global_stats, the markers, encoding, verifying, reporting) is shared and
 lives in ``plan.py``.  A new strategy is one module here, one ``StrategyName`` value (its
-marker tag) and one entry in ``STRATEGIES``.
+marker tag) and one entry in :func:`get`.
 """
 
 from __future__ import annotations
