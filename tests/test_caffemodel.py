@@ -81,10 +81,13 @@ def test_index_reads_name_type_and_ranges():
 
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["window", "whole"])
 @pytest.mark.parametrize("shift", range(0, 24, 3))
-def test_index_is_exact_wherever_a_layer_header_meets_a_read_block(shift, tmp_path):
-    """The index reads through a 4 KiB block (not an mmap); keys, lengths, names and types
-    that straddle a block edge must read exactly as protobuf reads them."""
+def test_index_is_exact_wherever_a_layer_header_meets_a_read_block(shift, whole, tmp_path, monkeypatch):
+    """A large model is indexed through a 4 KiB block (not an mmap), a small one read whole;
+    keys, lengths, names and types that straddle a block edge must read exactly as protobuf
+    reads them either way."""
+    monkeypatch.setattr(caffemodel, "WHOLE_MAX", 1 << 30 if whole else 0)
     net = cp.NetParameter()
     for i in range(12):
         layer = net.layer.add(name=f"layer-{i}-" + "n" * (i * 37 % 300), type="Convolution" if i % 2 else "BatchNorm")
@@ -92,6 +95,7 @@ def test_index_is_exact_wherever_a_layer_header_meets_a_read_block(shift, tmp_pa
     data = net.SerializeToString()
     (tmp_path / "m.caffemodel").write_bytes(data)
     with caffemodel.Model(tmp_path / "m.caffemodel") as m:
+        assert isinstance(m._map, bytes) is whole
         assert [(l.name, l.type) for l in m.layers] == [(l.name, l.type) for l in net.layer]
         assert [data[l.start:l.end] for l in m.layers] == entries(data)
         assert [len(m.entry(l).blobs[0].values) for l in m.layers] == [1000 + 7 * i + shift for i in range(12)]
@@ -103,6 +107,7 @@ def test_a_model_truncated_after_indexing_is_an_error_not_a_crash(tmp_path):
     path = tmp_path / "m.caffemodel"
     path.write_bytes((NANO / "MobileNetV2-YOLOv3-Nano-voc.caffemodel").read_bytes())
     with caffemodel.Model(path) as m:
+        assert not isinstance(m._map, bytes)  # 3.1 MB: read on demand
         last_bn = [l for l in m.layers if l.type == "BatchNorm"][-1]
         os.truncate(path, last_bn.payload + 10)
         with pytest.raises(BnfixError, match=f"{path}: layer '{last_bn.name}': "):
