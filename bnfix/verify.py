@@ -39,27 +39,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def _fields(buf: bytes) -> list[tuple[int, int, bytes, bytes]]:
     """(number, wire type, whole field bytes, value bytes) of every field of a message."""
-    out, pos, end = [], 0, len(buf)
-    while pos < end:
-        start = pos
-        k, pos = _varint(buf, pos)
-        wire = k & 7
-        if wire == 0:
-            _, vend = _varint(buf, pos)
-        elif wire == 1:
-            vend = pos + 8
-        elif wire == 5:
-            vend = pos + 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            vend = pos + length
-        else:
-            raise AssertionError(f"internal error: wire type {wire} in a rebuilt entry")
-        if vend > end:
-            raise AssertionError("internal error: a rebuilt entry's field runs past its end")
-        out.append((k >> 3, wire, buf[start:vend], buf[pos:vend]))
-        pos = vend
-    return out
+    return [(n, w, buf[f:e], buf[v:e]) for n, w, f, v, e in _walk(buf, 0, len(buf))]
 
 
 def _blob_values(blob: bytes) -> tuple[array[float], list[bytes]]:
@@ -80,8 +60,15 @@ def _blob_values(blob: bytes) -> tuple[array[float], list[bytes]]:
 
 def _spans(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
     """(number, wire type, value start, value end) of every field of ``buf[start:end]``."""
+    return [(n, w, v, e) for n, w, _, v, e in _walk(buf, start, end)]
+
+
+def _walk(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
+    """(number, wire type, field start, value start, value end) of every field of
+    ``buf[start:end]``; this module's own reading of the wire format, not caffemodel.py's."""
     out, pos = [], start
     while pos < end:
+        field = pos
         k, pos = _varint(buf, pos)
         wire = k & 7
         if wire == 0:
@@ -97,7 +84,7 @@ def _spans(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
             raise AssertionError(f"internal error: wire type {wire} in a rebuilt entry")
         if vend > end:
             raise AssertionError("internal error: a rebuilt entry's field runs past its end")
-        out.append((k >> 3, wire, pos, vend))
+        out.append((k >> 3, wire, field, pos, vend))
         pos = vend
     return out
 
