@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import caffe_proto as cp
@@ -10,6 +11,12 @@ import numpy as np
 import pytest
 
 from bnfix import prototxt
+
+# A test run started with SIGINT ignored (a background job of a non-interactive shell, nohup)
+# passes that to every child, and bnfix rightly leaves an ignored signal ignored: the Ctrl-C
+# tests would then test the environment.  Give this process and its children Python's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
