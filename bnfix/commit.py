@@ -477,16 +477,13 @@ def _link_backup(slot: _Slot, orig: Path, sync: bool) -> bool:
     held = HoldSignals()  # a signal must not come between the link and its record
     try:
         with held:
-            os.link(slot.target, orig)
-            slot.backup = orig
-        return True
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in _NO_LINK:
-            raise
+            linked = _link(slot.target, orig)
+            if linked:
+                slot.backup = orig
     finally:
         held.replay()
+    if linked is not None:
+        return linked
     assert slot.st is not None
     fd = _create(slot, "scratch", orig)
     try:
@@ -509,19 +506,29 @@ def _link_backup(slot: _Slot, orig: Path, sync: bool) -> bool:
     return made
 
 
-def _place(slot: _Slot, orig: Path) -> bool:
-    """Give the scratch copy the name ``orig`` unless that exists: a link (atomic, never
-    overwrites), else a rename after checking (the caller holds the target's lock)."""
-    assert slot.scratch is not None
+def _link(src: Path, dst: Path) -> bool | None:
+    """Hard-link ``dst`` to ``src``, never overwriting: True when linked, False when ``dst``
+    exists, None where this file system cannot link (the callers then copy)."""
     try:
-        os.link(slot.scratch, orig)
-        slot.backup = orig
+        os.link(src, dst)
         return True
     except FileExistsError:
         return False
     except OSError as exc:
         if exc.errno not in _NO_LINK:
             raise
+        return None
+
+
+def _place(slot: _Slot, orig: Path) -> bool:
+    """Give the scratch copy the name ``orig`` unless that exists: a link (atomic, never
+    overwrites), else a rename after checking (the caller holds the target's lock)."""
+    assert slot.scratch is not None
+    linked = _link(slot.scratch, orig)
+    if linked:
+        slot.backup = orig
+    if linked is not None:
+        return linked
     try:
         os.lstat(orig)
         return False
@@ -542,14 +549,14 @@ def _keep_old(slot: _Slot) -> None:
         for _ in range(100):
             slot.old = temp_name(slot.target, OLD)
             try:
-                os.link(slot.target, slot.old)
+                linked = _link(slot.target, slot.old)
+            except OSError:
+                slot.old = None
+                raise
+            if linked:
                 return
-            except FileExistsError:
-                slot.old = None
-            except OSError as exc:
-                slot.old = None
-                if exc.errno not in _NO_LINK:
-                    raise
+            slot.old = None
+            if linked is None:
                 break
         fd = _create(slot, "old", suffix=OLD)
         try:
