@@ -101,11 +101,6 @@ class Marker(NamedTuple):
         """The caffemodel form: the payload of the record field."""
         return self.text().encode("ascii")
 
-    def same_fit(self, other: Marker) -> bool:
-        """Whether two markers describe the same patch (strategy, formula, eps and result)."""
-        return (self.strategy, self.formula.inside, self.formula.outside, self.eps, self.stats) == (
-            other.strategy, other.formula.inside, other.formula.outside, other.eps, other.stats)
-
 
 def parse(text: str, where: str, keys: tuple[str, ...]) -> Marker:
     """Read a marker body (starting at ``# bnfix:``); ``where`` names the place for errors."""
