@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import child_io, venvs
+from . import venvs
 from .upsample import final_writer, layer_blocks
 
 SPEC = venvs.VenvSpec(
@@ -60,7 +60,4 @@ def run_caffe(prototxt: Path, caffemodel: Path, x: np.ndarray, outputs: Sequence
     the final value of each blob in `outputs`."""
     text = Path(prototxt).read_text()
     names = [onnx_name(text, o) for o in outputs]
-    req = child_io.write_request(workdir, prototxt, caffemodel, x, names)
-    venvs.run_child(SPEC, CHILD, [req])
-    arrays, _info = child_io.read_result(workdir, len(names))
-    return arrays
+    return venvs.run_request(SPEC, CHILD, prototxt, caffemodel, x, names, workdir)

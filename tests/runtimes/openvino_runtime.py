@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import child_io, venvs
+from . import venvs
 from .upsample import tensor_name
 
 SPEC = venvs.VenvSpec(
@@ -38,7 +38,4 @@ def run_caffe(prototxt: Path, caffemodel: Path, x: np.ndarray, outputs: Sequence
     forward pass; return the final value of each blob in `outputs`."""
     text = Path(prototxt).read_text()
     names = [tensor_name(text, o) for o in outputs]
-    req = child_io.write_request(workdir, prototxt, caffemodel, x, names)
-    venvs.run_child(SPEC, CHILD, [req])
-    arrays, _info = child_io.read_result(workdir, len(names))
-    return arrays
+    return venvs.run_request(SPEC, CHILD, prototxt, caffemodel, x, names, workdir)

@@ -23,7 +23,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "BNFIX_RUNTIME_VENVS"
@@ -127,6 +130,18 @@ def child_env(extra: Sequence[tuple[str, str]] | Mapping[str, str]) -> dict[str,
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
     env.update(dict(extra))
     return env
+
+
+def run_request(spec: VenvSpec, script: Path, prototxt: Path, caffemodel: Path, x: np.ndarray,
+                names: Sequence[str], workdir: Path) -> list[np.ndarray]:
+    """One forward pass by ``script`` in ``spec``'s venv, through child_io's request and result
+    files; the final value of each tensor in ``names``."""
+    from . import child_io
+
+    req = child_io.write_request(workdir, prototxt, caffemodel, x, names)
+    run_child(spec, script, [req])
+    arrays, _info = child_io.read_result(workdir, len(names))
+    return arrays
 
 
 def run_child(spec: VenvSpec, script: Path, args: Sequence[str | Path], timeout: float = 600) -> str:
