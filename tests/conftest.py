@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import caffe_proto as cp
@@ -71,3 +74,26 @@ def pair(tmp_path):
         return pp, mp
 
     return make
+
+
+def run_in_pty(args: Sequence[str | Path], env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 120) -> tuple[int, str]:
+    """``python -m bnfix ARGS`` with stdout and stderr on a pseudo-terminal; (exit code, output)."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "bnfix", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO once the child has closed the terminal (Linux)
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode("utf-8", "replace")

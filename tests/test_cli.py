@@ -25,6 +25,7 @@ from pathlib import Path
 import caffe_proto as cp
 import numpy as np
 import pytest
+from conftest import run_in_pty
 
 import bnfix
 from bnfix.cli import main
@@ -642,28 +643,10 @@ def test_color_always_emits_ansi(capsys):
 
 
 def _run_in_pty(*args, env_extra: dict) -> tuple[int, str]:
-    """Run ``python -m bnfix`` with stdout and stderr on a pseudo-terminal; return (rc, output)."""
-    pty = pytest.importorskip("pty")
     env = {k: v for k, v in os.environ.items()
            if k not in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "TTY_COMPATIBLE")}
     env.update(TERM="xterm-256color", COLUMNS="200", **env_extra)  # wide enough that names do not wrap
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "bnfix", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO once the child has closed the terminal (Linux)
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(master)
-    return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+    return run_in_pty(args, env, timeout=60)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")

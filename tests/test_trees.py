@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_pty
 
 from bnfix.cli import main
 
@@ -530,25 +531,7 @@ def test_json_report_inside_the_tree_is_not_an_input(tmp_path, tree, capsys):
 
 
 def _run_in_pty(args: list[str], cwd: Path) -> tuple[int, str]:
-    """``python -m bnfix`` with stdout and stderr on a pseudo-terminal; (exit code, output)."""
-    pty = pytest.importorskip("pty")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "bnfix", *args], stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=slave, cwd=cwd, env=child_env(TERM="xterm-256color", COLUMNS="300"))
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO once the child has closed the terminal (Linux)
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(master)
-    return proc.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+    return run_in_pty(args, child_env(TERM="xterm-256color", COLUMNS="300"), cwd=cwd)
 
 
 HIDE_CURSOR = "\x1b[?25l"  # rich's live display hides the cursor while the bar is shown
