@@ -124,47 +124,70 @@ def acquire(exclusive: Iterable[str | os.PathLike[str]] = (),
     try:
         for file in sorted(wanted, key=os.fsencode):
             path, ex = wanted[file]
-            lock = _take(path, file, ex, deadline, wait)
-            if lock is not None:
-                held.append(lock)
-                if ex:
-                    _write_owner(lock.fd, owner)
+            if _take(path, file, ex, deadline, wait, held) and ex:
+                _write_owner(held[-1].fd, owner)
     except BaseException:
         _release_all(held)
         raise
     return Held(held)
 
 
-def _take(path: Path, file: Path, exclusive: bool, deadline: float, wait: float) -> Lock | None:
-    """One lock, polling until ``deadline``; None for a shared lock that cannot be had here."""
+def _take(path: Path, file: Path, exclusive: bool, deadline: float, wait: float, held: list[Lock]) -> bool:
+    """One lock, polling until ``deadline``, appended to ``held``; False for a shared lock that
+    cannot be had here."""
     try:
-        return _poll(path, file, exclusive, deadline, wait)
+        return _poll(path, file, exclusive, deadline, wait, held)
     except OSError as exc:
         kind = "writing" if exclusive else "reading"
         raise LockFailed(f"{path}: cannot lock it for {kind}: {exc.strerror or exc} "
                          f"(lock file {file})") from exc
 
 
-def _poll(path: Path, file: Path, exclusive: bool, deadline: float, wait: float) -> Lock | None:
-    delay = _FIRST_SLEEP
+def _poll(path: Path, file: Path, exclusive: bool, deadline: float, wait: float, held: list[Lock]) -> bool:
+    """Each try runs with signals held off: a Ctrl-C between creating or locking the lock file
+    and recording it in ``held`` would leave the file behind (acquire's cleanup releases only
+    what ``held`` lists).  The sleeps between tries are not held: a signal ends the wait."""
+    delay, before = _FIRST_SLEEP, len(held)
     fd: int | None = None
+    try:
+        while True:
+            signals = HoldSignals()
+            try:
+                with signals:
+                    owned, fd = fd, None  # _try closes it if it raises
+                    fd = _try(path, file, exclusive, owned, held)
+            finally:
+                signals.replay()  # a signal that came wins over an OSError
+            if fd is None:
+                return len(held) > before
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _busy(path, fd, exclusive, wait)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, _MAX_SLEEP)
+    except BaseException:
+        if fd is not None:
+            _close_quietly(fd)
+        raise
+
+
+def _try(path: Path, file: Path, exclusive: bool, fd: int | None, held: list[Lock]) -> int | None:
+    """Open the lock file (unless ``fd`` is open on it already) and lock it without waiting,
+    appending the lock to ``held``.  Returns the open descriptor if the lock is busy, None if
+    done (locked, or a shared lock that cannot be had here)."""
     try:
         while True:
             if fd is None:
                 fd = _open(path, file, exclusive)
                 if fd is None:
                     return None
-            if _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
-                if _still_there(fd, file):
-                    return Lock(path, file, fd, exclusive)
-                stale, fd = fd, None  # its holder removed it after we opened it: use the new one
-                _close_quietly(stale)
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _busy(path, fd, exclusive, wait)
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, _MAX_SLEEP)
+            if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+                return fd
+            if _still_there(fd, file):
+                held.append(Lock(path, file, fd, exclusive))
+                return None
+            stale, fd = fd, None  # its holder removed it after we opened it: use the new one
+            _close_quietly(stale)
     except BaseException:
         if fd is not None:
             _close_quietly(fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -191,6 +192,32 @@ def test_a_failure_midway_releases_the_locks_already_taken(pair, monkeypatch):
     assert names(p.parent) == ["m.caffemodel", "m.prototxt"]
     with lock.acquire(exclusive=[p, m], wait=0):
         pass
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "shared"])
+def test_a_ctrl_c_at_any_call_of_acquire_leaves_no_lock_file(pair, monkeypatch, kind):
+    """SIGINT just before each system call of an acquire, in turn.  (Regression: one that came
+    after the lock file was locked, before acquire had recorded it, left the file behind; CI
+    saw ``.m.caffemodel.bnfix-lock`` after a Ctrl-C, 2026-12-01.)"""
+    p, m = pair
+    paths = {kind: [p, m]}
+    probe = Calls()
+    monkeypatch.setattr(lock, "os", probe.os_for("lock"))
+    lock.acquire(**paths).release()
+    count = [name for _, name, _ in probe.log].index("unlink")  # the calls before the release
+    assert count >= 4
+    for k in range(count):
+        def hook(number, module, name, args, k=k):
+            if number == k:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        calls = Calls(hook=hook)
+        monkeypatch.setattr(lock, "os", calls.os_for("lock"))
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire(**paths)
+        assert names(p.parent) == ["m.caffemodel", "m.prototxt"], (k, calls.names())
+        monkeypatch.setattr(lock, "os", os)
+        lock.acquire(exclusive=[p, m], wait=0).release()  # nothing is still locked
 
 
 def test_a_waiter_that_locked_a_removed_lock_file_starts_again(pair, monkeypatch):
