@@ -167,7 +167,10 @@ class Batch:
         return self.code
 
     def _each(self, progress: output.Progress | None) -> None:
+        from . import commit
+
         for job in self.jobs():
+            commit.raise_swallowed()  # a signal Python dropped (commit._keep_swallowed): stop here
             if not isinstance(job, Job):
                 self._unpaired(job)
                 continue
@@ -178,6 +181,7 @@ class Batch:
             if progress is not None:
                 progress.step(job.prototxt)
             self._one(job)
+        commit.raise_swallowed()
 
     def _unpaired(self, note: Note) -> None:
         key = (os.path.realpath(note.path), note.reason)

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 128 + 13
     except Exception as exc:  # a bug: say so in one line, keep the traceback for BNFIX_DEBUG
+        from . import commit
+
+        interrupt = commit.interrupt_in(exc)
+        if interrupt is not None:  # a Ctrl-C that Python wrapped (see interrupt_in)
+            return _interrupted(interrupt)
         if os.environ.get("BNFIX_DEBUG"):
             import traceback
 
@@ -160,7 +165,7 @@ def _conflict(args: argparse.Namespace) -> str | None:
 
 
 def _main(argv: list[str] | None) -> int:
-    from . import targets
+    from . import commit, targets
     from .errors import BnfixError
 
     parser = _parser()
@@ -188,9 +193,12 @@ def _main(argv: list[str] | None) -> int:
             raise BnfixError("--darknet-weights/--darknet-cfg check one pair at a time")
         try:
             return run.all()
-        except KeyboardInterrupt as exc:
-            _error(run.stopped(exc))
-            return getattr(exc, "exit_code", 128 + getattr(exc, "signum", 2))
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            interrupt = commit.interrupt_in(exc)
+            if interrupt is None:
+                raise
+            _error(run.stopped(interrupt))
+            return getattr(interrupt, "exit_code", 128 + getattr(interrupt, "signum", 2))
     except BnfixError as exc:
         _error(str(exc))
         return EXIT_ERROR

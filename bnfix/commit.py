@@ -40,6 +40,7 @@ import errno
 import os
 import signal
 import stat
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, final
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["NAME_MAX", "OLD", "SIGNALS", "TMP", "BackupFailed", "CommitError", "Committed",
            "HoldSignals", "Interrupted", "Output", "OutputIsDirectory", "ReplaceFailed", "State", "SweepFailed",
            "Terminated", "WriteFailed", "commit", "fit_name", "install_signal_handlers",
-           "make_dirs", "remove_dirs", "sweep", "temp_name", "write_fd"]
+           "interrupt_in", "make_dirs", "raise_swallowed", "remove_dirs", "sweep", "temp_name", "write_fd"]
 
 TMP, OLD = ".bnfix-tmp", ".bnfix-old"
 NAME_MAX = 255
@@ -165,15 +166,58 @@ def install_signal_handlers() -> None:
 
     Call it first thing in the CLI: then every signal runs the cleanup in ``finally`` blocks
     and :func:`commit` can report what is on disk.  A signal already ignored (``nohup``) stays
-    ignored.
+    ignored.  A signal that Python swallows is kept for :func:`raise_swallowed`.
     """
     for signum in SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _raise_terminated)
+    global _previous_hook
+    if sys.unraisablehook is not _keep_swallowed:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _keep_swallowed
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
+
+
+_previous_hook = sys.unraisablehook  # for every other exception Python cannot raise
+_swallowed: list[int] = []  # the signals it swallowed, not raised yet
+
+
+def _keep_swallowed(unraisable: sys.UnraisableHookArgs) -> None:
+    """``sys.unraisablehook``: where an exception cannot propagate (a weakref callback, such as
+    the import system's module-lock cleanup, or a ``__del__``), Python prints "Exception
+    ignored in ..." with a traceback and drops it.  A signal's KeyboardInterrupt landing there
+    would be lost with a traceback shown; keep its number instead, silently."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt):
+        _swallowed.append(_signum(exc, signal.SIGINT))
+    else:
+        _previous_hook(unraisable)
+
+
+def raise_swallowed() -> None:
+    """Raise the first signal Python swallowed (see :func:`_keep_swallowed`) as
+    :class:`Terminated`, now: bnfix calls this where stopping is safe and the message true
+    (before each pair, before a commit writes, after the run)."""
+    if _swallowed:
+        signum = _swallowed[0]
+        _swallowed.clear()
+        raise Terminated(signum)
+
+
+def interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The signal's KeyboardInterrupt that ``exc`` is or carries, else None.
+
+    Python 3.10 and 3.11 wrap an exception raised in a ``__set_name__`` in a RuntimeError
+    ("Error calling __set_name__ ..."), so a Ctrl-C that lands while a class is created (the
+    first import of a module, mid-run) arrives as that RuntimeError; 3.12 no longer wraps it.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return exc
+    if type(exc) is RuntimeError and isinstance(exc.__cause__, KeyboardInterrupt):
+        return exc.__cause__
+    return None
 
 
 def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True) -> Committed:
@@ -191,6 +235,7 @@ def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True
     _refuse_duplicates(slots)
     warnings: list[str] = []
     try:
+        raise_swallowed()
         for slot in slots:
             _write(slot, sync, warnings)
         if backup:
@@ -207,10 +252,11 @@ def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True
             error = exc.build(slots, State.UNCHANGED, left)
             held.deliver(State.UNCHANGED, names, None, error)
             raise error from exc.cause
-        if isinstance(exc, KeyboardInterrupt):  # normally before the renames; else just after them
+        interrupt = interrupt_in(exc)
+        if interrupt is not None:  # normally before the renames; else just after them
             state = _state(slots) if slots else State.UNCHANGED
             done = _result(slots, warnings) if state is State.COMMITTED else None
-            raise _interrupted(_signum(exc, signal.SIGINT), state, names, done, left) from None
+            raise _interrupted(_signum(interrupt, signal.SIGINT), state, names, done, left) from None
         held.deliver(State.UNCHANGED, names, None, None)
         raise
 

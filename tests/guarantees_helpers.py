@@ -334,6 +334,12 @@ def install_hook() -> None:
       prints after a pair is saved).
     - ``sigint-on-import:MODULE`` (or ``MODULE@FILE``): a Ctrl-C arrives while Python
       imports MODULE (only where code in a file whose path ends with FILE imports it).
+    - ``sigint-in-del:MODULE``: the same, but the Ctrl-C lands in a ``__del__`` (as it can in
+      any weakref callback), where Python cannot raise it: it prints "Exception ignored" and
+      drops it, unless bnfix keeps it.
+    - ``sigint-in-set-name:MODULE``: a Ctrl-C arrives inside the first
+      ``functools.cached_property.__set_name__`` of a class MODULE defines (Python 3.10 and
+      3.11 hand it on wrapped in a RuntimeError).
     """
     spec = os.environ.get("BNFIX_TEST_HOOK")
     if not spec:
@@ -379,6 +385,21 @@ def install_hook() -> None:
     elif kind == "sigint-on-import":
         name, _, importer = arg.partition("@")
         sys.meta_path.insert(0, _InterruptImport(name, importer, say))
+    elif kind == "sigint-in-del":
+        sys.meta_path.insert(0, _InterruptImport(arg, "", say, in_del=True))
+    elif kind == "sigint-in-set-name":
+        import functools
+
+        real_set_name = functools.cached_property.__set_name__
+
+        def set_name_then_sigint(self, owner, name):
+            real_set_name(self, owner, name)
+            if owner.__module__ == arg:
+                functools.cached_property.__set_name__ = real_set_name  # type: ignore[method-assign]
+                say(f"creating {owner.__name__}")
+                _sigint_and_wait()
+
+        functools.cached_property.__set_name__ = set_name_then_sigint  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown BNFIX_TEST_HOOK {spec!r}")
 
@@ -388,8 +409,8 @@ class _InterruptImport:
     code in a file ending with ``importer``, if given); it finds nothing itself: the import
     goes on, until the KeyboardInterrupt lands."""
 
-    def __init__(self, name: str, importer: str, say) -> None:
-        self.name, self.importer, self.say = name, importer, say
+    def __init__(self, name: str, importer: str, say, *, in_del: bool = False) -> None:
+        self.name, self.importer, self.say, self.in_del = name, importer, say, in_del
 
     def _imported_from_importer(self) -> bool:
         frame = sys._getframe(2)
@@ -403,9 +424,21 @@ class _InterruptImport:
         if name == self.name and (not self.importer or self._imported_from_importer()):
             sys.meta_path.remove(self)
             self.say(f"importing {name}")
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the KeyboardInterrupt ends this at once
+            if self.in_del:
+                _SignalInDel()  # dropped at once: its __del__ runs here
+            else:
+                _sigint_and_wait()
         return None
+
+
+def _sigint_and_wait() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)  # the KeyboardInterrupt ends this at once
+
+
+class _SignalInDel:
+    def __del__(self) -> None:
+        _sigint_and_wait()
 
 
 class _PauseAfterRename:

@@ -634,12 +634,58 @@ def test_make_dirs_reports_what_it_created(tmp_path):
 @pytest.fixture
 def handlers() -> Iterator[None]:
     saved = {s: signal.getsignal(s) for s in commit.SIGNALS}
+    hook = sys.unraisablehook
     commit.install_signal_handlers()
     try:
         yield
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+        sys.unraisablehook = hook
+        commit._swallowed.clear()
+
+
+class _Dropped:
+    """Raises ``error`` from ``__del__``, where Python cannot raise it (as in a weakref callback)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error
+
+
+def test_a_signal_that_python_swallows_is_kept_and_raised_once_later(handlers):
+    _Dropped(commit.Terminated(signal.SIGTERM))  # without bnfix's hook: "Exception ignored in ..."
+    with pytest.raises(commit.Terminated) as info:
+        commit.raise_swallowed()
+    assert info.value.signum == signal.SIGTERM
+    commit.raise_swallowed()  # raised once: nothing left
+
+
+def test_other_exceptions_python_cannot_raise_still_reach_the_hook_before_bnfixs():
+    seen: list[BaseException | None] = []
+    saved, handlers = sys.unraisablehook, {s: signal.getsignal(s) for s in commit.SIGNALS}
+    sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_value)
+    try:
+        commit.install_signal_handlers()
+        commit.install_signal_handlers()  # a second call does not wrap bnfix's hook in itself
+        _Dropped(ValueError("a bug in a __del__"))
+        commit.raise_swallowed()
+    finally:
+        sys.unraisablehook = saved
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert [repr(e) for e in seen] == ["ValueError('a bug in a __del__')"]
+
+
+def test_a_swallowed_signal_stops_a_commit_before_it_writes(tmp_path, handlers):
+    p, m = pair_in(tmp_path)
+    _Dropped(KeyboardInterrupt())
+    with pytest.raises(commit.Interrupted) as info:
+        commit.commit([Output(p, P_NEW), Output(m, M_NEW)])
+    assert str(info.value) == f"interrupted by SIGINT; nothing was changed: {p} and {m} are as before"
+    assert names(tmp_path) == ["m.caffemodel", "m.prototxt"] and p.read_bytes() == P_OLD
 
 
 def test_ctrl_c_while_writing_removes_the_temps(tmp_path):
@@ -654,6 +700,42 @@ def test_ctrl_c_while_writing_removes_the_temps(tmp_path):
     assert str(info.value) == f"interrupted by SIGINT; nothing was changed: {p} and {m} are as before"
     assert (info.value.state, info.value.exit_code, info.value.committed) == (State.UNCHANGED, 130, None)
     assert names(tmp_path) == ["m.caffemodel", "m.prototxt"]
+
+
+class _InterruptingDescriptor:
+    def __set_name__(self, owner: type, name: str) -> None:
+        raise KeyboardInterrupt
+
+
+def _create_a_class() -> None:
+    """Ctrl-C while a class is created: on Python 3.10 and 3.11 it arrives as a RuntimeError."""
+    type("Late", (), {"d": _InterruptingDescriptor()})
+
+
+def test_ctrl_c_that_python_wrapped_in_a_runtime_error_is_still_an_interrupt():
+    with pytest.raises(BaseException) as info:
+        _create_a_class()
+    interrupt = commit.interrupt_in(info.value)
+    assert isinstance(interrupt, KeyboardInterrupt)
+    assert interrupt is (info.value if isinstance(info.value, KeyboardInterrupt) else info.value.__cause__)
+    assert commit.interrupt_in(RuntimeError("other")) is None
+    caused = ValueError("a bug while handling a Ctrl-C")
+    caused.__cause__ = KeyboardInterrupt()
+    assert commit.interrupt_in(caused) is None  # only Python's own RuntimeError wrapper counts
+
+
+def test_ctrl_c_while_a_class_is_created_in_a_fill_is_an_interrupt_that_removes_the_temps(tmp_path):
+    p, m = pair_in(tmp_path)
+
+    def interrupted(fd: int) -> None:
+        os.write(fd, b"half")
+        _create_a_class()
+
+    with pytest.raises(commit.Interrupted) as info:
+        commit.commit([Output(p, P_NEW), Output(m, interrupted)])
+    assert str(info.value) == f"interrupted by SIGINT; nothing was changed: {p} and {m} are as before"
+    assert (info.value.state, info.value.exit_code) == (State.UNCHANGED, 130)
+    assert names(tmp_path) == ["m.caffemodel", "m.prototxt"] and p.read_bytes() == P_OLD
 
 
 def test_sigterm_while_writing_removes_the_temps(tmp_path, handlers):
