@@ -299,13 +299,18 @@ class Batch:
             return  # the inputs are the outputs already: rewriting them would only make .orig copies
         progress = output.BytesProgress.on(self.console, job.caffemodel) if self.single else None
         try:
-            result.save(*outs, backup=args.in_place, sync=not args.no_sync, progress=progress, lock=False)
+            result.save(*outs, backup=args.in_place, sync=not args.no_sync, progress=progress, lock=False,
+                        on_commit=self._saved)
         finally:
             if progress is not None:
                 progress.close()
-        self.current_saved = True
         self.written.update(Path(os.path.realpath(o)) for o in outs)
         self._tag_output_dir()
+
+    def _saved(self) -> None:
+        """Called by the commit, signals held off, as soon as the pair is new: a signal from
+        here on is reported as coming after the save."""
+        self.current_saved = True
 
     def _tag_output_dir(self) -> None:
         """Mark ``-o DIR`` as a tree of outputs (discover.OUTPUT_TAG) when it lies inside a tree

@@ -220,12 +220,15 @@ def interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
-def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True) -> Committed:
+def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True,
+           on_commit: Callable[[], None] | None = None) -> Committed:
     """Replace every ``output.path`` by its content, all or nothing (see the module docstring).
 
     ``backup`` keeps ``<target>.orig`` of each existing target (never overwriting one).
     ``sync=False`` skips the fsyncs: still all-or-nothing for the running system, but after a
-    power cut a renamed file may be empty.
+    power cut a renamed file may be empty.  ``on_commit`` is called once the outputs are new,
+    with signals still held off: a caller that records it there cannot be stopped by a signal
+    between the commit and its record (which would make its "nothing was changed" untrue).
 
     Raises a :class:`CommitError` subclass for an OSError, :class:`Interrupted` for a signal;
     any other exception from a ``fill`` propagates unchanged, after the temps were removed.
@@ -242,7 +245,7 @@ def commit(outputs: Sequence[Output], *, backup: bool = False, sync: bool = True
             _back_up(slots, sync)
         for slot in slots:
             _keep_old(slot)
-        return _switch(slots, sync, warnings)
+        return _switch(slots, sync, warnings, on_commit)
     except (Interrupted, CommitError):  # done by _switch
         raise
     except BaseException as exc:  # before the first rename: remove everything, nothing changed
@@ -656,7 +659,8 @@ def _copy_fd(src: int, dst: int, size: int) -> None:
         offset += n
 
 
-def _switch(slots: list[_Slot], sync: bool, warnings: list[str]) -> Committed:
+def _switch(slots: list[_Slot], sync: bool, warnings: list[str],
+            on_commit: Callable[[], None] | None) -> Committed:
     """Step 5, with signals held off: the renames, in order, then the directory syncs; undone
     on a failure.  A signal that came meanwhile is delivered at the end."""
     failure: _Fault | None = None
@@ -667,6 +671,8 @@ def _switch(slots: list[_Slot], sync: bool, warnings: list[str]) -> Committed:
             failure, left = fault, _discard(slots)
         else:
             _drop_old(slots, warnings)
+            if on_commit is not None:
+                on_commit()
     if failure is not None:
         state = _state(slots)
         error = failure.build(slots, state, left)

@@ -147,13 +147,14 @@ class Result:
 
     # -- writing -------------------------------------------------------------------------
     def save(self, prototxt_out: str | Path, caffemodel_out: str | Path, *, backup: bool = False,
-             sync: bool = True, progress: Callable[[int], None] | None = None, lock: bool = True) -> None:
+             sync: bool = True, progress: Callable[[int], None] | None = None, lock: bool = True,
+             on_commit: Callable[[], None] | None = None) -> None:
         """Write both outputs as one unit: all or nothing, in an order that a crash between the
         two renames can only leave a state the next run recognises (``commit.py``).
 
         ``backup`` keeps ``<output>.orig`` copies of files about to be replaced (for in-place);
         ``sync=False`` skips the fsyncs.  ``lock`` takes bnfix's advisory locks on the outputs
-        (the CLI takes them itself, before reading).
+        (the CLI takes them itself, before reading).  ``on_commit``: see :func:`commit.commit`.
         """
         from . import commit
         from . import lock as locking
@@ -185,7 +186,7 @@ class Result:
             held = locking.acquire(exclusive=outs, shared=(), wait=0, owner="bnfix") if lock else None
             try:
                 self._check_inputs_unchanged()
-                done = commit.commit(items, backup=backup, sync=sync)
+                done = commit.commit(items, backup=backup, sync=sync, on_commit=on_commit)
             finally:
                 if held is not None:
                     held.release()

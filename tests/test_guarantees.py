@@ -726,6 +726,25 @@ def test_a_signal_after_the_pair_was_saved_says_which_files_are_new(tmp_path, ca
     assert err == f"bnfix: error: stopped by signal 15 after {outs[0]} and {outs[1]} were saved; {FIRST_PAIR}\n"
 
 
+@pytest.mark.parametrize("mode", ["-o", "--in-place"])
+def test_a_signal_the_moment_the_commit_returns_says_the_pair_is_new(tmp_path, capsys, monkeypatch, mode):
+    """A Ctrl-C on the very bytecode after ``commit.commit`` returned.  (Regression: the CLI
+    recorded the save only after ``save()`` returned, so this said "nothing was changed" of a
+    pair that was new; now the commit records it with signals still held off.)"""
+    root, ref = _sample_pair(tmp_path, capsys)
+    outs, args, _ = run_mode(mode)
+    real = commit.commit
+
+    def commit_then_ctrl_c(*a, **kw):
+        real(*a, **kw)
+        raise commit.Terminated(signal.SIGINT)
+
+    monkeypatch.setattr(commit, "commit", commit_then_ctrl_c)
+    assert cli(capsys, root, *args) == (
+        130, "", f"bnfix: error: interrupted after {outs[0]} and {outs[1]} were saved; {FIRST_PAIR}\n")
+    assert {n: gh.digest(root / o) for n, o in zip(NAMES, outs)} == ref and gh.leftovers(root) == []
+
+
 def _bnfix_frames(err: str) -> list[str]:
     """The frames of a traceback that lie in bnfix's own code."""
     package = str(Path(commit.__file__).parent)
