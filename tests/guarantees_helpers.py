@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from faults import signal_me
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SAMPLE_P = REPO / "samples" / "yoloface-50k.prototxt"
@@ -432,7 +434,7 @@ class _InterruptImport:
 
 
 def _sigint_and_wait() -> None:
-    os.kill(os.getpid(), signal.SIGINT)
+    signal_me(signal.SIGINT)
     time.sleep(5)  # the KeyboardInterrupt ends this at once
 
 

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import faults_driver as driver
 import pytest
-from faults import Calls
+from faults import Calls, signal_me
 
 from bnfix import commit, lock
 from bnfix.commit import Output, State
@@ -742,7 +742,7 @@ def test_sigterm_while_writing_removes_the_temps(tmp_path, handlers):
     p, m = pair_in(tmp_path)
 
     def terminated(fd: int) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal_me(signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this
 
     with pytest.raises(commit.Interrupted) as info:
@@ -759,7 +759,7 @@ def test_a_signal_between_the_renames_is_delivered_after_the_commit(tmp_path, ha
 
     def hook(number, module, name, args):
         if name == "replace" and str(args[1]) == str(p):
-            os.kill(os.getpid(), signum)  # right before the first rename
+            signal_me(signum)  # right before the first rename
             seen.append(number)
 
     with with_calls(Calls(hook=hook)), pytest.raises(commit.Interrupted) as info:
@@ -797,7 +797,7 @@ def test_an_ignored_signal_stays_ignored(tmp_path):
 
         def hook(number, module, name, args):
             if name == "replace":
-                os.kill(os.getpid(), signal.SIGHUP)
+                signal_me(signal.SIGHUP)
 
         with with_calls(Calls(hook=hook)):
             done = commit.commit([Output(p, P_NEW), Output(m, M_NEW)])  # nohup: no interruption

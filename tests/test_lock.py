@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import Calls
+from faults import Calls, signal_me
 
 from bnfix import commit, lock
 
@@ -209,7 +209,7 @@ def test_a_ctrl_c_at_any_call_of_acquire_leaves_no_lock_file(pair, monkeypatch, 
     for k in range(count):
         def hook(number, module, name, args, k=k):
             if number == k:
-                os.kill(os.getpid(), signal.SIGINT)
+                signal_me(signal.SIGINT)
 
         calls = Calls(hook=hook)
         monkeypatch.setattr(lock, "os", calls.os_for("lock"))
