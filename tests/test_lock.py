@@ -228,13 +228,28 @@ def test_a_waiter_that_locked_a_removed_lock_file_starts_again(pair, monkeypatch
     holder = lock.acquire(exclusive=[p])
     calls = Calls()
     monkeypatch.setattr(lock, "os", calls.os_for("lock"))
+    busy, go = threading.Event(), threading.Event()
+
+    class Clock:
+        """lock's ``time``: its first sleep comes after the waiter's first flock failed; it
+        waits there until the holder has released (and removed) the file."""
+
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            if not busy.is_set():
+                busy.set()
+                go.wait(10)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(lock, "time", Clock)
     got: list[lock.Held] = []
     waiter = threading.Thread(target=lambda: got.append(lock.acquire(exclusive=[p], wait=10)))
     waiter.start()
-    while ("lock", "open") not in [(mod, n) for mod, n, _ in calls.log]:
-        time.sleep(0.005)
-    time.sleep(0.05)  # the open is logged just before it runs: let it run, and the flock fail
+    assert busy.wait(10)
     holder.release()
+    go.set()
     waiter.join(10)
     (held,) = got
     opens = [args[0] for _, n, args in calls.log if n == "open"]
