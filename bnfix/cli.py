@@ -27,22 +27,38 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_WORK, EXIT_ERROR, EXIT_BUG = 0, 1, 2, 3  # batch.py computes the first three
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run bnfix; never raises (every outcome is an exit code and at most a few lines)."""
+def entry() -> None:
+    """The ``bnfix`` command and ``python -m bnfix``: :func:`main`, then exit with its code.
+
+    Unlike a call of ``main()``, signals are ignored from the moment the verdict is final
+    (``commit.settle``), and a second signal cannot break the handling of the first: no late
+    Ctrl-C prints a traceback or changes the exit status of a run that has finished.
+    """
+    raise SystemExit(main(exiting=True))
+
+
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run bnfix; never raises (every outcome is an exit code and at most a few lines).
+    ``exiting``: the process ends after this (see :func:`entry`)."""
     try:
         from . import commit
 
-        commit.install_signal_handlers()
-        return _main(argv)
+        commit.install_signal_handlers(once=exiting)
+        code = _main(argv, exiting)
+        if exiting:
+            commit.settle()
+        return code
     except KeyboardInterrupt as exc:  # also SIGTERM/SIGHUP, turned into this by commit
         return _interrupted(exc)
     except BrokenPipeError:  # stdout closed early (bnfix ... | head): as SIGPIPE would
+        _settle(exiting)
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         except OSError:
             pass
         return 128 + 13
     except Exception as exc:  # a bug: say so in one line, keep the traceback for BNFIX_DEBUG
+        _settle(exiting)
         from . import commit
 
         interrupt = commit.interrupt_in(exc)
@@ -55,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnfix: internal error: {type(exc).__name__}: {exc} (a bug in bnfix: please report it to its "
               "maintainers with the command you ran; BNFIX_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_BUG
+
+
+def _settle(exiting: bool) -> None:
+    if exiting:
+        from . import commit
+
+        commit.settle()
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
@@ -164,7 +187,7 @@ def _conflict(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, exiting: bool) -> int:
     from . import commit, targets
     from .errors import BnfixError
 
@@ -192,7 +215,9 @@ def _main(argv: list[str] | None) -> int:
         if args.darknet_weights and run.single is None:
             raise BnfixError("--darknet-weights/--darknet-cfg check one pair at a time")
         try:
-            return run.all()
+            code = run.all()
+            _settle(exiting)  # here, where a signal just before it still gets run.stopped's true message
+            return code
         except (KeyboardInterrupt, RuntimeError) as exc:
             interrupt = commit.interrupt_in(exc)
             if interrupt is None:

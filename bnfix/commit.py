@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["NAME_MAX", "OLD", "SIGNALS", "TMP", "BackupFailed", "CommitError", "Committed",
            "HoldSignals", "Interrupted", "Output", "OutputIsDirectory", "ReplaceFailed", "State", "SweepFailed",
            "Terminated", "WriteFailed", "commit", "fit_name", "install_signal_handlers",
-           "interrupt_in", "make_dirs", "raise_swallowed", "remove_dirs", "sweep", "temp_name", "write_fd"]
+           "interrupt_in", "make_dirs", "raise_swallowed", "remove_dirs", "settle", "sweep", "temp_name",
+           "write_fd"]
 
 TMP, OLD = ".bnfix-tmp", ".bnfix-old"
 NAME_MAX = 255
@@ -161,23 +162,44 @@ class Interrupted(KeyboardInterrupt):
         return self.message
 
 
-def install_signal_handlers() -> None:
+def install_signal_handlers(*, once: bool = False) -> None:
     """Make SIGINT, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt).
 
     Call it first thing in the CLI: then every signal runs the cleanup in ``finally`` blocks
     and :func:`commit` can report what is on disk.  A signal already ignored (``nohup``) stays
-    ignored.  A signal that Python swallows is kept for :func:`raise_swallowed`.
+    ignored.  A signal that Python swallows is kept for :func:`raise_swallowed`.  ``once``
+    (the bnfix process): the first signal raised is the last; it :func:`settle` s, so a second
+    Ctrl-C cannot break the cleanup, or the message, of the first.
     """
+    global _previous_hook, _once, _settled
+    _once, _settled = once, False
     for signum in SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _raise_terminated)
-    global _previous_hook
     if sys.unraisablehook is not _keep_swallowed:
         _previous_hook, sys.unraisablehook = sys.unraisablehook, _keep_swallowed
 
 
+_once = _settled = False
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    if _settled:
+        return
+    if _once:
+        settle()
     raise Terminated(signum)
+
+
+def settle() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP from now on.  The bnfix process calls this once its
+    verdict is final: a signal after it would raise outside every handler (a traceback), or,
+    once Python resets its handlers while it shuts down, kill the process, and the exit status
+    would contradict the files and the lines already printed."""
+    global _settled
+    _settled = True  # first: a signal from here on is ignored by _raise_terminated
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 _previous_hook = sys.unraisablehook  # for every other exception Python cannot raise
@@ -203,6 +225,8 @@ def raise_swallowed() -> None:
     if _swallowed:
         signum = _swallowed[0]
         _swallowed.clear()
+        if _once:
+            settle()
         raise Terminated(signum)
 
 

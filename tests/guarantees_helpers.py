@@ -326,8 +326,9 @@ class HookPipe:
 
 
 def install_hook() -> None:
-    """In a child: act as ``BNFIX_TEST_HOOK`` says (see the module doc).  "Pause" means: report
-    the event, then wait until the test closes the go pipe (or a signal interrupts the wait).
+    """In a child: act as ``BNFIX_TEST_HOOK`` says, one or more hooks separated by commas (see
+    the module doc).  "Pause" means: report the event, then wait until the test closes the go
+    pipe (or a signal interrupts the wait).
 
     - ``pause-after-rename``: pause after the first rename of a temp file onto its target.
     - ``pause-in-copy``: pause after the first chunk of the caffemodel copy
@@ -339,14 +340,23 @@ def install_hook() -> None:
     - ``sigint-in-del:MODULE``: the same, but the Ctrl-C lands in a ``__del__`` (as it can in
       any weakref callback), where Python cannot raise it: it prints "Exception ignored" and
       drops it, unless bnfix keeps it.
+    - ``sigint-in:MODULE.FUNCTION``, ``sigint-after:MODULE.FUNCTION``: a Ctrl-C at the start
+      of each call of FUNCTION (e.g. cleanup code, while the first signal is handled), or as
+      its first call returns.
+    - ``sigint-at-exit``: a Ctrl-C while Python shuts down (as it clears the modules).
     - ``sigint-in-set-name:MODULE``: a Ctrl-C arrives inside the first
       ``functools.cached_property.__set_name__`` of a class MODULE defines (Python 3.10 and
       3.11 hand it on wrapped in a RuntimeError).
     """
-    spec = os.environ.get("BNFIX_TEST_HOOK")
-    if not spec:
+    specs = os.environ.get("BNFIX_TEST_HOOK")
+    if not specs:
         return
     fd, go_fd = int(os.environ["BNFIX_TEST_HOOK_FD"]), int(os.environ["BNFIX_TEST_HOOK_GO_FD"])
+    for spec in specs.split(","):
+        _install_one(spec, fd, go_fd)
+
+
+def _install_one(spec: str, fd: int, go_fd: int) -> None:
     kind, _, arg = spec.partition(":")
 
     def say(text: str) -> None:
@@ -389,6 +399,28 @@ def install_hook() -> None:
         sys.meta_path.insert(0, _InterruptImport(name, importer, say))
     elif kind == "sigint-in-del":
         sys.meta_path.insert(0, _InterruptImport(arg, "", say, in_del=True))
+    elif kind in ("sigint-in", "sigint-after"):
+        import importlib
+
+        module_name, _, function = arg.rpartition(".")
+        module = importlib.import_module(module_name)
+        real = getattr(module, function)
+
+        def wrapped(*args, **kwargs):
+            if kind == "sigint-in":
+                say(f"in {function}")
+                _sigint_and_wait(0.5)  # no KeyboardInterrupt ends it if bnfix ignores the signal
+                return real(*args, **kwargs)
+            setattr(module, function, real)
+            result = real(*args, **kwargs)
+            say(f"after {function}")
+            _sigint_and_wait(0.5)
+            return result
+
+        setattr(module, function, wrapped)
+    elif kind == "sigint-at-exit":
+        global _AT_EXIT
+        _AT_EXIT = _SignalAtTeardown(fd)
     elif kind == "sigint-in-set-name":
         import functools
 
@@ -433,9 +465,29 @@ class _InterruptImport:
         return None
 
 
-def _sigint_and_wait() -> None:
+def _sigint_and_wait(seconds: float = 5.0) -> None:
     signal_me(signal.SIGINT)
-    time.sleep(5)  # the KeyboardInterrupt ends this at once
+    time.sleep(seconds)  # a KeyboardInterrupt ends this at once
+
+
+_AT_EXIT: object = None
+
+
+class _SignalAtTeardown:
+    """Sends SIGINT from its ``__del__``, which runs when Python clears the modules on its way
+    out: after it has reset its signal handlers to the defaults.  It keeps what it calls, as
+    the modules are going."""
+
+    def __init__(self, fd: int) -> None:
+        import threading
+
+        self.fd, self.write, self.kill, self.sleep = fd, os.write, signal.pthread_kill, time.sleep
+        self.thread, self.signum = threading.get_ident(), signal.SIGINT
+
+    def __del__(self) -> None:
+        self.write(self.fd, b"exiting\n")
+        self.kill(self.thread, self.signum)
+        self.sleep(0.5)
 
 
 class _SignalInDel:

@@ -745,6 +745,47 @@ def test_a_signal_the_moment_the_commit_returns_says_the_pair_is_new(tmp_path, c
     assert {n: gh.digest(root / o) for n, o in zip(NAMES, outs)} == ref and gh.leftovers(root) == []
 
 
+@pytest.mark.parametrize("hook", ["sigint-after:bnfix.cli.main", "sigint-at-exit"])
+def test_a_signal_once_the_verdict_is_final_changes_nothing(tmp_path, capsys, hook):
+    """A Ctrl-C as ``main`` returns, or while Python shuts down.  (Regression: the first raised
+    KeyboardInterrupt outside every handler, a traceback; the second, after Python had reset
+    its handlers, killed the finished run: CI, 2026-12-01, saw -SIGINT with the new pair on
+    disk.)  The run's verdict stands: exit 0, nothing on stderr."""
+    root, ref = _sample_pair(tmp_path, capsys)
+    pipe = gh.HookPipe()
+    child = gh.bnfix([*INPUTS, "-o", "out", "-q"], root, env=pipe.env(hook, tmp_path / "hook"), pass_fds=pipe.fds)
+    pipe.started()
+    assert pipe.line() == ("after main" if "after" in hook else "exiting")
+    out, err = child.communicate(timeout=120)
+    pipe.close()
+    assert (child.returncode, out, err) == (0, "", "")
+    assert {n: gh.digest(root / "out" / n) for n in NAMES} == ref and gh.leftovers(root) == []
+
+
+def test_a_second_signal_while_the_first_is_handled_is_ignored(tmp_path, capsys):
+    """Ctrl-C mid-copy, then another while bnfix cleans up (removing the output directory it
+    made).  The second must not cut the cleanup short or replace the first one's message."""
+    root, _ = _sample_pair(tmp_path, capsys)
+    pipe = gh.HookPipe()
+    env = pipe.env("pause-in-copy,sigint-in:bnfix.commit.remove_dirs", tmp_path / "hook")
+    child = gh.bnfix([*INPUTS, "-o", "out"], root, env=env, pass_fds=pipe.fds)
+    try:
+        pipe.started()
+        assert pipe.line() == "copying"
+        child.send_signal(signal.SIGINT)
+        assert pipe.line() == "in remove_dirs"
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        pipe.close()
+    assert (child.returncode, out) == (130, "")
+    assert err == ("bnfix: error: interrupted by SIGINT; nothing was changed: out/m.prototxt and out/m.caffemodel "
+                   f"are as before; {FIRST_PAIR}\n")
+    assert not (root / "out").exists() and gh.leftovers(root) == []
+
+
 def _bnfix_frames(err: str) -> list[str]:
     """The frames of a traceback that lie in bnfix's own code."""
     package = str(Path(commit.__file__).parent)
@@ -840,7 +881,11 @@ def test_ctrl_c_at_random_moments_of_start_up_prints_no_traceback_from_bnfix(hug
         frames = _bnfix_frames(err)
         assert frames == [], (child.returncode, err)
         assert out == ""
-        if child.returncode == 130:
+        saved = f"bnfix: error: interrupted after out/m.prototxt and out/m.caffemodel were saved; {FIRST_PAIR}\n"
+        if child.returncode == 130 and err == saved:  # the pair is new, whole: checked below
+            assert [which(root / "out" / n, huge) for n in NAMES] == ["new", "new"]
+            seen["bnfix: interrupted after the save"] += 1
+        elif child.returncode == 130:
             assert err in nothing_written(signal.SIGINT) | {
                 f"bnfix: error: interrupted by SIGINT; nothing was changed: out/m.prototxt and out/m.caffemodel are "
                 f"as before; {FIRST_PAIR}\n"}, err
@@ -852,7 +897,7 @@ def test_ctrl_c_at_random_moments_of_start_up_prints_no_traceback_from_bnfix(hug
         else:
             assert (child.returncode, err) == (-signal.SIGINT, ""), (child.returncode, err)
             seen["killed before Python's handler"] += 1
-        if child.returncode != 0:  # nothing was written: no output pair, no temp, no lock file
+        if child.returncode != 0 and err != saved:  # nothing was written: no output pair, no temp, no lock file
             assert not any((root / "out" / n).exists() for n in NAMES), err
         assert gh.leftovers(root) == []
         gh.remove(root / "out")
