@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             commit.settle()
         return code
     except KeyboardInterrupt as exc:  # also SIGTERM/SIGHUP, turned into this by commit
+        _settle(exiting)  # (done already if commit's handler raised it)
         return _interrupted(exc)
     except BrokenPipeError:  # stdout closed early (bnfix ... | head): as SIGPIPE would
         _settle(exiting)
