@@ -138,17 +138,21 @@ def run_writer(args: list[str]) -> int:
 
 
 def run_reader(args: list[str]) -> int:
+    """At least ROUNDS reads, and on until it has seen three versions of the pair (or a minute
+    passed): a reader done before the writers got going would have tested nothing."""
     directory, rounds = args[0], int(args[1])
     p, m = pair(directory)
     bad, seen = 0, set()
-    for _ in range(rounds):
+    done, deadline = 0, time.monotonic() + 60
+    while done < rounds or (len(seen) < 3 and time.monotonic() < deadline):
+        done += 1
         with lock.acquire(shared=[p, m], wait=60):
             pt, mt = tag(p.read_bytes()), tag(m.read_bytes())
         if pt != mt:
             bad += 1
         seen.add(pt)
         time.sleep(0.0005)
-    print(json.dumps({"rounds": rounds, "bad": bad, "seen": len(seen)}), flush=True)
+    print(json.dumps({"rounds": done, "bad": bad, "seen": len(seen)}), flush=True)
     return 0
 
 
