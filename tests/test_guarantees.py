@@ -745,20 +745,32 @@ def test_a_signal_the_moment_the_commit_returns_says_the_pair_is_new(tmp_path, c
     assert {n: gh.digest(root / o) for n, o in zip(NAMES, outs)} == ref and gh.leftovers(root) == []
 
 
+def _hooked(root: Path, args: list[str], hook: str, event: str) -> tuple[int, str, str]:
+    """``python -m bnfix ARGS`` in ``root`` with test HOOK, which must report EVENT; returns
+    (exit code, stdout, stderr)."""
+    pipe = gh.HookPipe()
+    child = gh.bnfix(args, root, env=pipe.env(hook, root / "hook"), pass_fds=pipe.fds)
+    try:
+        pipe.started()
+        assert pipe.line() == event
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        pipe.close()
+    return child.returncode, out, err
+
+
 @pytest.mark.parametrize("hook", ["sigint-after:bnfix.cli.main", "sigint-at-exit"])
 def test_a_signal_once_the_verdict_is_final_changes_nothing(tmp_path, capsys, hook):
     """A Ctrl-C as ``main`` returns, or while Python shuts down.  (Regression: the first raised
     KeyboardInterrupt outside every handler, a traceback; the second, after Python had reset
-    its handlers, killed the finished run: CI, 2026-12-01, saw -SIGINT with the new pair on
-    disk.)  The run's verdict stands: exit 0, nothing on stderr."""
+    its handlers, killed the finished run: a clean-clone CI run, 2026-12-01, saw -SIGINT with
+    the new pair on disk.)  The run's verdict stands: exit 0, nothing on stderr."""
     root, ref = _sample_pair(tmp_path, capsys)
-    pipe = gh.HookPipe()
-    child = gh.bnfix([*INPUTS, "-o", "out", "-q"], root, env=pipe.env(hook, tmp_path / "hook"), pass_fds=pipe.fds)
-    pipe.started()
-    assert pipe.line() == ("after main" if "after" in hook else "exiting")
-    out, err = child.communicate(timeout=120)
-    pipe.close()
-    assert (child.returncode, out, err) == (0, "", "")
+    event = "after main" if "after" in hook else "exiting"
+    assert _hooked(root, [*INPUTS, "-o", "out", "-q"], hook, event) == (0, "", "")
     assert {n: gh.digest(root / "out" / n) for n in NAMES} == ref and gh.leftovers(root) == []
 
 
@@ -827,15 +839,8 @@ def test_ctrl_c_while_a_class_is_created_mid_run_is_an_interrupt_not_a_bug(tmp_p
     the run began.  Python 3.10 and 3.11 wrap it in a RuntimeError, which bnfix once reported as
     "internal error ... (a bug in bnfix)" with exit 3 (CI, 2026-12-01, on Python 3.11)."""
     root, _ = _sample_pair(tmp_path, capsys)
-    pipe = gh.HookPipe()
-    child = gh.bnfix([*INPUTS, "-o", "out"], root, env=pipe.env("sigint-in-set-name:bnfix.caffemodel", tmp_path / "hook"),
-                     pass_fds=pipe.fds)
-    pipe.started()
-    assert pipe.line() == "creating Blob"
-    out, err = child.communicate(timeout=120)
-    pipe.close()
-    assert (child.returncode, out) == (130, "")
-    assert err == f"bnfix: error: interrupted: nothing was changed for {INPUTS[0]} and {INPUTS[1]}; {FIRST_PAIR}\n"
+    assert _hooked(root, [*INPUTS, "-o", "out"], "sigint-in-set-name:bnfix.caffemodel", "creating Blob") == (
+        130, "", f"bnfix: error: interrupted: nothing was changed for {INPUTS[0]} and {INPUTS[1]}; {FIRST_PAIR}\n")
     assert not (root / "out").exists() and gh.leftovers(root) == []
 
 
@@ -845,16 +850,9 @@ def test_ctrl_c_that_python_swallows_still_stops_bnfix_before_it_writes(tmp_path
     traceback through bnfix's signal handler, and the run went on (CI, 2026-12-01, in the
     import system's module-lock weakref callback).  bnfix keeps it and stops at the commit."""
     root, _ = _sample_pair(tmp_path, capsys)
-    pipe = gh.HookPipe()
-    child = gh.bnfix([*INPUTS, "-o", "out"], root, env=pipe.env("sigint-in-del:bnfix.caffemodel", tmp_path / "hook"),
-                     pass_fds=pipe.fds)
-    pipe.started()
-    assert pipe.line() == "importing bnfix.caffemodel"
-    out, err = child.communicate(timeout=120)
-    pipe.close()
-    assert (child.returncode, out) == (130, "")
-    assert err == ("bnfix: error: interrupted by SIGINT; nothing was changed: out/m.prototxt and out/m.caffemodel "
-                   f"are as before; {FIRST_PAIR}\n")
+    assert _hooked(root, [*INPUTS, "-o", "out"], "sigint-in-del:bnfix.caffemodel", "importing bnfix.caffemodel") == (
+        130, "", "bnfix: error: interrupted by SIGINT; nothing was changed: out/m.prototxt and out/m.caffemodel "
+        f"are as before; {FIRST_PAIR}\n")
     assert gh.leftovers(root) == [] and not (root / "out").exists()
 
 
