@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from faults import signal_me
+from wire import fields, read_varint
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -78,39 +79,6 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: bytes) -> list[tuple[int, int, int, int]]:
-    """Top-level fields of a message: (number, wire type, start of the field, end of it)."""
-    out, pos = [], 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            n, pos = _read_varint(buf, pos)
-            pos += n
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"wire type {wire} at {start}")
-        out.append((number, wire, start, pos))
-    return out
-
-
 def _len_field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
@@ -123,11 +91,11 @@ def huge_caffemodel(src: bytes, layer: str, filters: int) -> bytes:
     import numpy as np
 
     out, found = [], False
-    for number, _, start, end in _fields(src):
+    for number, _, start, end in fields(src):
         field = src[start:end]
         if number == 100 and not found:
             body_at = start + len(_varint(100 << 3 | 2))
-            n, body_at = _read_varint(src, body_at)
+            n, body_at = read_varint(src, body_at)
             body = src[body_at:body_at + n]
             parsed = cp.LayerParameter()
             parsed.ParseFromString(body)
@@ -141,7 +109,7 @@ def huge_caffemodel(src: bytes, layer: str, filters: int) -> bytes:
                 shape = _len_field(1, b"".join(_varint(d) for d in [filters, *dims[1:]]))
                 blob = _len_field(7, shape) + _len_field(5, data)
                 parts, first = [], True
-                for lnum, _, ls, le in _fields(body):
+                for lnum, _, ls, le in fields(body):
                     if lnum == 7 and first:
                         parts.append(_len_field(7, blob))
                         first = False

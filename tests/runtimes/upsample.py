@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import caffe_proto as cp
 import numpy as np
+import wire
 
 MODES = ("deconv", "resample")
 # Layer types that set their top's channel count (num_output); every other type of a Darknet
@@ -200,39 +201,9 @@ def _replacement_entry(b: LayerBlock, c: int, k: int, mode: str) -> bytes:
     return net.SerializeToString()   # just the field-100 entry: the net has nothing else
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
 def entries(data: bytes) -> list[tuple[int, bytes]]:
     """The top-level fields of a serialised NetParameter as (field number, exact bytes)."""
-    out, pos = [], 0
-    while pos < len(data):
-        start = pos
-        tag, pos = _varint(data, pos)
-        wire = tag & 7
-        if wire == 0:
-            _, pos = _varint(data, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            n, pos = _varint(data, pos)
-            pos += n
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"caffemodel: wire type {wire} at offset {start}")
-        if pos > len(data):
-            raise ValueError("caffemodel: truncated")
-        out.append((tag >> 3, data[start:pos]))
-    return out
+    return [(number, data[start:end]) for number, _, start, end in wire.fields(data)]
 
 
 def entry_layer(entry: bytes) -> Any:
