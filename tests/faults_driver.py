@@ -2,7 +2,7 @@
 
     python faults_driver.py commit DIR VERSION SIZE [--sync] [--handlers] [--lock] [--slow-rename S]
     python faults_driver.py writer DIR NAME ROUNDS [--reverse]
-    python faults_driver.py reader DIR ROUNDS
+    python faults_driver.py reader DIR ROUNDS   (until stdin closes)
     python faults_driver.py hold DIR OWNER
 
 ``commit`` writes version VERSION of the pair ``DIR/m.prototxt`` + ``DIR/m.caffemodel`` (the
@@ -138,19 +138,23 @@ def run_writer(args: list[str]) -> int:
 
 
 def run_reader(args: list[str]) -> int:
-    """At least ROUNDS reads, and on until it has seen three versions of the pair (or a minute
-    passed): a reader done before the writers got going would have tested nothing."""
+    """Reads the pair under shared locks: prints ``ready`` after its first read, then goes on
+    until stdin closes (the test closes it once the writers are done), ROUNDS reads at least,
+    so its reads overlap the writers' commits from the first to the last."""
+    import select
+
     directory, rounds = args[0], int(args[1])
     p, m = pair(directory)
-    bad, seen = 0, set()
-    done, deadline = 0, time.monotonic() + 60
-    while done < rounds or (len(seen) < 3 and time.monotonic() < deadline):
+    bad, seen, done = 0, set(), 0
+    while done < rounds or not select.select([sys.stdin], [], [], 0)[0]:
         done += 1
         with lock.acquire(shared=[p, m], wait=60):
             pt, mt = tag(p.read_bytes()), tag(m.read_bytes())
         if pt != mt:
             bad += 1
         seen.add(pt)
+        if done == 1:
+            print("ready", flush=True)
         time.sleep(0.0005)
     print(json.dumps({"rounds": done, "bad": bad, "seen": len(seen)}), flush=True)
     return 0

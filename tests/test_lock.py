@@ -271,11 +271,14 @@ def test_two_writers_and_a_reader_never_see_a_mixed_pair(tmp_path):
     (d / "m.prototxt").write_bytes(b"seed\n")
     (d / "m.caffemodel").write_bytes(b"seed\n")
     run = [sys.executable, str(DRIVER)]
-    procs = [subprocess.Popen(run + args, stdout=subprocess.PIPE, text=True, env=child_env())
-             for args in (["writer", str(d), "A", "150"], ["writer", str(d), "B", "150", "--reverse"],
-                          ["reader", str(d), "300"])]
-    reports = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    reader = subprocess.Popen(run + ["reader", str(d), "300"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=child_env())
+    assert reader.stdout is not None and reader.stdout.readline() == "ready\n"  # reading before they write
+    writers = [subprocess.Popen(run + args, stdout=subprocess.PIPE, text=True, env=child_env())
+               for args in (["writer", str(d), "A", "150"], ["writer", str(d), "B", "150", "--reverse"])]
+    reports = [json.loads(proc.communicate(timeout=120)[0]) for proc in writers]
+    reports.append(json.loads(reader.communicate(timeout=120)[0]))  # closes its stdin: it stops
+    assert [proc.returncode for proc in (*writers, reader)] == [0, 0, 0]
     assert reports[0] == {"rounds": 150, "bad": 0} and reports[1] == {"rounds": 150, "bad": 0}
     assert reports[2]["bad"] == 0 and reports[2]["rounds"] >= 300 and reports[2]["seen"] >= 3, reports[2]
     final_p, final_m = (d / "m.prototxt").read_bytes(), (d / "m.caffemodel").read_bytes()
